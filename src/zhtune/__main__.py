@@ -1,0 +1,3 @@
+from zhtune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""Turn a loaded model into what is trained: LoRA (fresh or continued), QLoRA/8-bit, or full weights."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from zhtune.config.args import LoraArgs, ModelArgs, TrainArgs
+from zhtune.model.adapters import check_adapter
+from zhtune.model.families import lora_targets
+
+log = logging.getLogger(__name__)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def prepare_for_training(model: Any, margs: ModelArgs, largs: LoraArgs, targs: TrainArgs) -> Any:
+    quantized = margs.load_in_4bit or margs.load_in_8bit
+    if largs.finetuning_type == "full":
+        if quantized:
+            from zhtune.config.parse import ConfigError
+
+            raise ConfigError(
+                "a quantized base cannot be fully fine-tuned; use --finetuning_type lora (QLoRA)"
+            )
+        model.requires_grad_(True)
+        if targs.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        return model
+
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=targs.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif targs.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if targs.gradient_checkpointing:
+        model.config.use_cache = False
+
+    if largs.peft_path:
+        check_adapter(model, largs.peft_path)
+        model = PeftModel.from_pretrained(model, largs.peft_path, is_trainable=True)
+        log.info("continuing adapter %s", largs.peft_path)
+    else:
+        targets = lora_targets(model, largs.trainable)
+        cfg = LoraConfig(
+            r=largs.lora_rank,
+            lora_alpha=largs.lora_alpha,
+            lora_dropout=largs.lora_dropout,
+            target_modules=targets,
+            modules_to_save=largs.modules_to_save,
+            use_rslora=largs.use_rslora,
+            use_dora=largs.use_dora,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, cfg)
+    # trainable weights in fp32 (adapters, and modules_to_save copies) while the frozen base stays low-precision
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+    return model

@@ -1,0 +1,217 @@
+"""Hugging Face Trainer with crash-safe checkpoints, a loss-curve PNG and a clear resume story.
+
+* A checkpoint is written to ``.tmp-checkpoint-N`` and renamed to ``checkpoint-N`` once complete, so a kill
+  never leaves a half-written ``checkpoint-N`` for a resume to trip over; leftovers are cleaned up.
+* ``--resume_from_checkpoint true`` picks the newest complete checkpoint; a named one is checked first.
+* Rotation (``--save_total_limit``) runs only after the new checkpoint is in place and sorts by step, so the
+  checkpoint a resume needs is never the one deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+
+from zhtune.atomic import TMP_PREFIX, clean_stale_tmp, fsync_tree
+from zhtune.config.args import TrainArgs
+from zhtune.config.parse import Config, ConfigError, save_config
+
+log = logging.getLogger(__name__)
+TRAINER_STATE = "trainer_state.json"
+CONFIG_NAME = "zhtune_config.yaml"
+
+
+def training_arguments_fields() -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def build_training_arguments(t: TrainArgs, *, has_eval: bool, device: str) -> TrainingArguments:
+    bf16 = t.bf16
+    if bf16 is None:
+        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported() and not t.fp16
+    if (bf16 or t.fp16) and device == "cpu" and t.fp16:
+        raise ConfigError("--fp16 needs a GPU; on CPU train in float32 (the default) or --bf16")
+    eval_steps = t.eval_steps or t.save_steps
+    kw: dict[str, Any] = dict(
+        output_dir=t.output_dir,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        bf16=bool(bf16),
+        fp16=t.fp16,
+        seed=t.seed,
+        data_seed=t.seed,
+        optim=t.optim,
+        dataloader_num_workers=t.dataloader_num_workers,
+        report_to=t.report_to or "none",
+        deepspeed=t.deepspeed,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        use_cpu=(device == "cpu"),
+    )
+    unknown = set(t.extra) - training_arguments_fields()
+    if unknown:
+        raise ConfigError(f"unknown training options: {', '.join(sorted(unknown))}")
+    kw.update(t.extra)
+    try:
+        return TrainingArguments(**kw)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"invalid training options: {e}") from None
+
+
+def resolve_resume(t: TrainArgs) -> str | None:
+    """The checkpoint to resume from, or None. Cleans leftovers of a killed save first."""
+    out = Path(t.output_dir)
+    removed = clean_stale_tmp(out)
+    for r in removed:
+        log.warning("removed incomplete checkpoint %s left by an interrupted run", r.name)
+    value = t.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "no", "none"):
+        return None
+    if str(value).lower() in ("true", "yes", "1", "latest"):
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            raise ConfigError(
+                f"--resume_from_checkpoint true, but {out} holds no complete checkpoint-N directory"
+            )
+        return last
+    path = Path(value)
+    if not path.is_dir() or not (path / TRAINER_STATE).is_file():
+        raise ConfigError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINER_STATE})")
+    return str(path)
+
+
+class ZhTrainer(Trainer):
+    """Trainer whose checkpoints appear atomically and carry the resolved zhtune config."""
+
+    def __init__(self, *args: Any, zh_config: Config | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.zh_config = zh_config
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, folder)
+        tmp = os.path.join(run_dir, TMP_PREFIX + folder)
+        if self.args.should_save and os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        self.accelerator.wait_for_everyone()
+        self.save_model(tmp, _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(tmp)
+            self._save_scaler(tmp)
+            self._save_rng_state(tmp)
+        if self.args.should_save:
+            Path(tmp, "training_args.bin").unlink(
+                missing_ok=True
+            )  # a pickle; zhtune_config.yaml says the same
+            self.state.save_to_json(os.path.join(tmp, TRAINER_STATE))
+            if self.zh_config is not None:
+                save_config(self.zh_config, Path(tmp) / CONFIG_NAME)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            fsync_tree(Path(tmp))
+            if os.path.isdir(final):  # an earlier run's checkpoint of the same step
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            if self.state.best_global_step:
+                best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+                if os.path.exists(best):
+                    self.state.best_model_checkpoint = best
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+class LossCurveCallback(TrainerCallback):
+    """Writes loss_curve.png (train and eval loss against step) at every log and at the end."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.is_world_process_zero:
+            plot_loss(state.log_history, self.path)
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.is_world_process_zero:
+            plot_loss(state.log_history, self.path)
+
+
+class NonFiniteLossCallback(TrainerCallback):
+    """Stops the run when the logged loss is NaN or inf, naming the step; the last checkpoint stays intact."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss} at step {state.global_step}; the newest complete checkpoint in "
+                f"{args.output_dir} is intact. Lower --learning_rate, check the data, or use --bf16 instead of --fp16"
+            )
+
+
+def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from zhtune.atomic import atomic_write_bytes
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    if not train and not evals:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_json(path: Path, data: Any) -> None:
+    from zhtune.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2))
