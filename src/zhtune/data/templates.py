@@ -240,8 +240,8 @@ class JinjaFormat:
             raise ConfigError(f"the model's chat template failed to render: {e}") from e
 
     def _candidates(self) -> list[str]:
-        vocab = self.tokenizer.get_vocab()
-        cands = [t for t in KNOWN_END_TOKENS if t in vocab]
+        # markers count where the template writes them, whether or not they are single tokens
+        cands = list(KNOWN_END_TOKENS)
         if self.eos_token and self.eos_token not in cands:
             cands.insert(0, self.eos_token)
         return cands

@@ -41,6 +41,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     from zhtune.train.trainer import (
         LossCurveCallback,
         NonFiniteLossCallback,
+        PeakMemoryCallback,
         ZhTrainer,
         build_training_arguments,
         resolve_resume,
@@ -90,7 +91,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[LossCurveCallback(out / "loss_curve.png"), NonFiniteLossCallback()],
+        callbacks=[LossCurveCallback(out / "loss_curve.png"), NonFiniteLossCallback(), PeakMemoryCallback()],
         zh_config=cfg,
     )
     t0 = time.time()
@@ -99,6 +100,8 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
     metrics["wall_seconds"] = round(time.time() - t0, 1)
+    if torch.cuda.is_available():
+        metrics["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     attach(fmt, tokenizer)
     summary = {
         "output_dir": str(out),

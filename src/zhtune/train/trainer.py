@@ -169,6 +169,14 @@ class LossCurveCallback(TrainerCallback):
             plot_loss(state.log_history, self.path)
 
 
+class PeakMemoryCallback(TrainerCallback):
+    """Adds the peak GPU memory so far (GiB, weights included) to every log line on CUDA."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        if logs is not None and torch.cuda.is_available():
+            logs["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
 class NonFiniteLossCallback(TrainerCallback):
     """Stops the run when the logged loss is NaN or inf, naming the step; the last checkpoint stays intact."""
 
@@ -195,7 +203,7 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        ax.plot(*zip(*train), "-" if len(train) > 20 else ".-", label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
     ax.set_xlabel("step")
