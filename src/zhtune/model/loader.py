@@ -127,12 +127,18 @@ def _explain_load_error(e: Exception, src: Source, args: ModelArgs) -> Exception
             f"could not load {src.origin!r} from the Hugging Face hub ({msg.splitlines()[0]}). "
             "Without network access, download it elsewhere and pass the local directory."
         )
-    if "safetensors" in msg and "pytorch_model.bin" in msg.replace("*.bin", "pytorch_model.bin"):
-        return ConfigError(
+    return e
+
+
+def _refuse_pickle_only(src: Source, args: ModelArgs) -> None:
+    if src.kind != "local" or args.allow_pickle:
+        return
+    d = Path(src.path)
+    if not list(d.glob("*.safetensors")) and (list(d.glob("*.bin")) or list(d.glob("*.pt"))):
+        raise ConfigError(
             f"{src.origin} has only pickle (.bin) weights; zhtune reads safetensors unless you pass "
             "--allow_pickle (loading pickle can run code: only for checkpoints you trust)"
         )
-    return e
 
 
 def load_tokenizer(args: ModelArgs, src: Source | None = None, *, padding_side: str = "right") -> Any:
@@ -169,6 +175,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     src = src or resolve(args.model_name_or_path, args.gguf_file, args.cache_dir)
+    _refuse_pickle_only(src, args)
     device = device or pick_device(args.device)
     dtype = dtype or pick_dtype(args.dtype, device)
     kw: dict[str, Any] = _hub_kwargs(args, src)
