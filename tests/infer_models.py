@@ -19,7 +19,7 @@ def single_token(tok: Any, text: str) -> int:
     return ids[0]
 
 
-def never_stopping_model(tok_dir: Path, out: Path, a: str = "好", b: str = "的") -> Path:
+def never_stopping_model(tok_dir: Path, out: Path, a: str = "好", b: str = "的", context: int = 512) -> Path:
     """A model that greedily answers with ``a`` and ``b`` only, never an end-of-turn token.
 
     The final norm keeps one hidden dimension and the output head reads only that one, +1 for ``a``, -1 for
@@ -32,6 +32,7 @@ def never_stopping_model(tok_dir: Path, out: Path, a: str = "好", b: str = "的
     tok = AutoTokenizer.from_pretrained(str(out))
     ta, tb = single_token(tok, a), single_token(tok, b)
     model = LlamaForCausalLM.from_pretrained(str(out))
+    model.config.max_position_embeddings = context
     with torch.no_grad():
         model.model.norm.weight.zero_()
         model.model.norm.weight[0] = 1.0

@@ -128,6 +128,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     done = {k: v for k, v in read_done(dst).items() if not v.get("error")}
     todo = [r for r in requests if r[0] not in done]
     print(f"{len(requests)} records, {len(done)} already answered, {len(todo)} to go", flush=True)
+    kind = None
     if todo:
         engine = Engine.load(m, e)
         kind = e.backend
@@ -148,7 +149,13 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     if len(ordered) == len(requests):
         atomic_write_text(dst, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     errors = sum(1 for r in ordered if r.get("error"))
-    return {"records": len(requests), "written": len(ordered), "errors": errors, "output_file": str(dst)}
+    return {
+        "records": len(requests),
+        "written": len(ordered),
+        "errors": errors,
+        "output_file": str(dst),
+        "backend": kind,
+    }
 
 
 def run(engine: Any, todo: list, g: GenerationArgs, j: GenerateArgs, dst: Path, bar: Any) -> None:
