@@ -1,7 +1,7 @@
 """The web chat page in a real headless Chromium (Debian's), driven by Playwright without its own browsers.
 
 Needs ``/usr/bin/chromium`` (``make browser-deps`` installs it) and the ``playwright`` package. The screenshot
-is kept as a test artifact under ``bench/results/`` (``ZHTUNE_ARTIFACTS`` overrides the folder).
+is kept as a test artifact in ``test-artifacts/`` (``ZHTUNE_ARTIFACTS`` overrides the folder).
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ARTIFACTS = Path(
-    os.environ.get("ZHTUNE_ARTIFACTS", Path(__file__).resolve().parents[1] / "bench" / "results")
-)
+ARTIFACTS = Path(os.environ.get("ZHTUNE_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 
 
 @pytest.fixture(scope="module")
