@@ -82,7 +82,7 @@ def test_job_stop_token_length_and_error(bpe_tokenizer_dir):
     assert job.run().finish_reason == "error" and job.error == "boom"
 
 
-@pytest.mark.parametrize("backend", ["generate", "continuous"])
+@pytest.mark.parametrize("backend", ["generate", "continuous", "static"])
 def test_backends_agree_and_respect_length(tiny_llama_bpe, backend):
     engine = load(tiny_llama_bpe, max_batch_size=4)
     engine.start(backend)
@@ -113,7 +113,7 @@ def test_backends_agree_and_respect_length(tiny_llama_bpe, backend):
         assert r.prompt_tokens == len(ids)
 
 
-@pytest.mark.parametrize("backend", ["generate", "continuous"])
+@pytest.mark.parametrize("backend", ["generate", "continuous", "static"])
 def test_cancel_frees_the_request(looping_model, backend):
     engine = load(looping_model, max_batch_size=2)
     engine.start(backend)
@@ -276,3 +276,24 @@ def test_a_model_trained_by_zhtune_stops(tmp_path, bpe_tokenizer_dir):
             engine.close()
         assert (r.text, r.finish_reason) == ("好的。", "stop"), backend
         assert r.completion_tokens < 50
+
+
+def test_static_sampling_rules():
+    import torch
+
+    from zhtune.infer.static import pick
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    best = logits.argmax(-1)
+    assert torch.equal(pick(logits, GenerationArgs(temperature=0)), best)
+    assert torch.equal(pick(logits, GenerationArgs(temperature=1.0, top_k=1)), best)
+    assert torch.equal(pick(logits, GenerationArgs(temperature=1.0, top_p=1e-6)), best)
+    torch.manual_seed(1)
+    a = pick(logits, GenerationArgs(temperature=1.0, top_k=5))
+    torch.manual_seed(1)
+    assert torch.equal(a, pick(logits, GenerationArgs(temperature=1.0, top_k=5)))
+    top5 = logits.topk(5, -1).indices
+    for _ in range(20):
+        t = pick(logits, GenerationArgs(temperature=1.5, top_k=5, top_p=0.9))
+        assert all(t[i] in top5[i] for i in range(3))

@@ -27,7 +27,7 @@ from zhtune.data.templates import ChatFormat, Message, get_format
 from zhtune.infer.stream import Job, Reply
 
 log = logging.getLogger(__name__)
-BACKENDS = ("generate", "continuous")
+BACKENDS = ("generate", "continuous", "static")
 
 
 @dataclass
@@ -38,11 +38,12 @@ class EngineArgs:
         None, "LoRA adapters applied in order, comma separated. Alias: --lora_model."
     )
     template: str | None = field(None, "Chat template (default: the one saved with the model or adapter).")
-    backend: Literal["auto", "generate", "continuous"] = field(
+    backend: Literal["auto", "generate", "continuous", "static"] = field(
         "auto",
-        "generate (transformers generate: beams, repetition penalty, per-request seed) or continuous "
-        "(transformers continuous batching, for many requests at once). auto: continuous for serve and for "
-        "generate when the settings allow, generate for chat.",
+        "generate (transformers generate: beams, repetition penalty, per-request seed), continuous "
+        "(transformers continuous batching, for many requests at once) or static (one request at a time over a "
+        "static KV cache; with --compile on CUDA its decoding step is a CUDA graph). auto: continuous for serve "
+        "and for generate when the settings allow, generate for chat.",
     )
     max_batch_size: int = field(
         32, "Most requests decoded together (continuous) or prompts per padded batch (generate)."
@@ -55,8 +56,8 @@ class EngineArgs:
     )
     compile: bool = field(
         False,
-        "On CUDA, compile decoding: a static KV cache with torch.compile (generate), compile level 1 "
-        "(continuous).",
+        "On CUDA, compile decoding: torch.compile with CUDA graphs (static), a static KV cache with "
+        "torch.compile (generate), compile level 1 (continuous).",
     )
 
     def __post_init__(self) -> None:
@@ -161,6 +162,12 @@ class Engine:
                 kv_cache_tokens=a.kv_cache_tokens,
                 cuda_graphs=a.cuda_graphs,
                 compile_level=1 if a.compile else 0,
+            )
+        elif kind == "static":
+            from zhtune.infer.static import StaticBackend
+
+            self.backend = StaticBackend(
+                self.model, self.tok, self.stop_ids, context=self.context_length, compile=a.compile
             )
         elif kind == "generate":
             from zhtune.infer.backends import GenerateBackend
