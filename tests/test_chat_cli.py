@@ -131,3 +131,15 @@ def test_no_prompt_is_an_error(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(sys, "stdin", io.StringIO("  \n"))
     assert main(["chat", "--model_name_or_path", str(tmp_path / "never-loaded")]) == 2
     assert "no prompt: pass --prompt, pipe text on stdin, or use --interactive" in capsys.readouterr().err
+
+
+def test_quantized_loading_needs_a_gpu(capsys, looping_model):
+    import torch
+
+    from zhtune.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    argv = ["chat", "--prompt", "你好", "--model_name_or_path", str(looping_model), "--load_in_4bit"]
+    assert main(argv) == 2
+    assert "--load_in_4bit needs a CUDA GPU" in capsys.readouterr().err

@@ -136,3 +136,20 @@ def test_chat_and_generate_commands_on_the_default_model(default_dir, tmp_path):
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in rows] == ["0", "1"] and all(r["finish_reason"] == "stop" for r in rows)
     assert "4" in rows[0]["output"]
+
+
+def test_a_gguf_file_loads_directly(default_dir):
+    from zhtune.config.args import GenerationArgs, ModelArgs
+    from zhtune.infer.engine import Engine
+    from zhtune.model.default import locate_default_gguf
+
+    engine = Engine.load(ModelArgs(model_name_or_path=str(locate_default_gguf())))
+    engine.start("generate")
+    try:
+        r = engine.chat(
+            [{"role": "user", "content": QUESTION}],
+            GenerationArgs(max_new_tokens=40, temperature=0, repetition_penalty=1.0),
+        )
+    finally:
+        engine.close()
+    assert "4" in r.text and r.finish_reason == "stop"

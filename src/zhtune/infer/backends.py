@@ -227,6 +227,10 @@ class ContinuousBackend:
             cb["max_batch_tokens"] = 512
         if cuda_graphs is not None:
             cb["use_cuda_graph"] = cuda_graphs
+        if cuda_graphs and on_gpu:
+            # graphs are captured per padded size; transformers pads the KV read to 16384 tokens by default,
+            # which makes every decoding step of a short conversation read 16384 tokens of cache
+            cb["kv_padding_interval_size"] = 1024
         gen = GenerationConfig(
             do_sample=True,
             **self.BASE,
