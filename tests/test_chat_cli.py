@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -100,27 +99,20 @@ def test_interactive_session_with_commands_and_ctrl_c(looping_model):
     assert child.exitstatus == 0
 
 
-def test_single_prompt_from_argument_and_stdin(looping_model):
-    p = subprocess.run(
-        chat_cmd(looping_model, "--prompt", "你好", "--max_new_tokens", "6"),
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stderr
-    reply, _, tail = p.stdout.strip().partition(" [cut")
+def test_single_prompt_from_argument_and_stdin(looping_model, monkeypatch, capsys):
+    """The script mode, in-process (the pseudo-terminal test above covers the real process)."""
+    import io
+
+    from zhtune.cli import main
+
+    base = chat_cmd(looping_model)[3:]  # the options after "python -m zhtune"
+    assert main([*base, "--prompt", "你好", "--max_new_tokens", "6"]) == 0
+    reply, _, tail = capsys.readouterr().out.strip().partition(" [cut")
     assert len(reply) == 6 and set(reply) <= set("好的") and tail == " at --max_new_tokens]"
-    p = subprocess.run(
-        chat_cmd(looping_model, "--max_new_tokens", "4", "--with_prompt", "false", "--stream", "false"),
-        input="北京\n",
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stderr
-    assert set(p.stdout.split(" [cut")[0].strip()) <= set("好的")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("北京\n"))
+    assert main([*base, "--max_new_tokens", "4", "--with_prompt", "false", "--stream", "false"]) == 0
+    reply = capsys.readouterr().out.split(" [cut")[0].strip()
+    assert len(reply) == 4 and set(reply) <= set("好的")
 
 
 def test_no_prompt_is_an_error(monkeypatch, capsys, tmp_path):

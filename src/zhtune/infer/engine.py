@@ -101,8 +101,8 @@ class Engine:
         if lora and len(tok) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tok))  # the adapter carries the trained rows of a larger vocab
         check_vocab(model, tok, margs)
-        if lora:
-            model = apply_adapters(model, lora, merge=True)
+        if lora:  # merged for speed, except into a quantized base (that would round the update away)
+            model = apply_adapters(model, lora, merge=not (margs.load_in_8bit or margs.load_in_4bit))
         fmt = get_format(tok, eargs.template, directory=tok_dir or src.path)
         log.info("chat template: %s; stops at %s", fmt.name, fmt.stop_strings())
         return cls(model, tok, fmt, eargs)

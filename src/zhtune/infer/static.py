@@ -117,7 +117,7 @@ class StaticBackend:
             if not job.wants_more():
                 continue
             try:
-                with torch.inference_mode():
+                with torch.no_grad():  # as transformers' generate: compiled graphs and no_grad go together
                     self._run(job)
                 job.close()
             except Exception as e:  # noqa: BLE001 - reported to the job's consumer
