@@ -85,7 +85,8 @@ def is_loopback(host: str) -> bool:
 def build_app(cfg: Config | dict[str, Any]) -> tuple[Any, Any]:
     """Load the engine and make the app (without running it). Returns (app, engine)."""
     from zhtune.infer.engine import Engine
-    from zhtune.serve.app import BodyLimit, Server, create_app
+    from zhtune.serve.app import Server, create_app
+    from zhtune.serve.asgi import BodyLimit
 
     if not isinstance(cfg, Config):
         cfg = build(SECTIONS, cfg)
