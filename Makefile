@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 EXTRAS ?= demo,test,serve,data
 
-.PHONY: setup demo test test-fast lint format clean
+.PHONY: setup demo test test-fast lint format clean browser-deps
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,14 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Debian's Chromium (and a CJK font for readable screenshots) for the web page test; Playwright drives it
+# through executable_path, so `playwright install` is never needed. Needs root (CI) or sudo.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 && fc-list :lang=zh | grep -q . || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		$$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-wqy-zenhei; }
 
 demo: setup
 	$(BIN)/zhtune demo

@@ -15,6 +15,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("zhtune.train.sft", "", "instruction-tune (LoRA, QLoRA, full) on Alpaca/ShareGPT/messages data"),
     "chat": ("zhtune.infer.chat", "", "chat with a model (plus adapters) in the terminal"),
+    "generate": ("zhtune.infer.generate", "", "answer a JSON/JSONL file of prompts in batches (resumable)"),
+    "serve": ("zhtune.serve.server", "serve", "OpenAI-compatible API and web chat page"),
     "demo": ("zhtune.demo", "demo", "Chinese sentiment demo on the embedded default model (CPU, ~10 min)"),
 }
 
