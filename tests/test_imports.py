@@ -1,5 +1,8 @@
 """Every module imports with only the core dependencies installed.
 
+A module that exists only to serve an optional extra (the FastAPI app of ``zhtune serve``) may instead stop
+with MissingDependency, whose message names the extra to install; nothing else may fail.
+
 The optional distributions (extras ``gpu``, ``serve``, ``data``, ``demo``, ``test`` and friends) are made truly
 absent: Python runs with ``-S`` on a view of site-packages that links everything except them, so
 ``importlib.util.find_spec`` answers None for them exactly as on a core-only install.
@@ -71,6 +74,8 @@ def test_every_module_imports_with_core_dependencies_only(tmp_path):
         "    try:\n"
         "        importlib.import_module(m)\n"
         "    except Exception as e:\n"
+        "        if type(e).__name__ == 'MissingDependency' and 'zhtune[' in str(e):\n"
+        "            continue\n"
         "        failed.append(f'{m}: {type(e).__name__}: {e}')\n"
         "print('\\n'.join(failed) or f'ALL OK {len(mods)}')\n"
     )

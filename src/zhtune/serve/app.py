@@ -17,6 +17,10 @@ from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any
 
+from zhtune.deps import require
+
+require("fastapi", "zhtune serve")  # the serve extra; a clear message instead of a bare ImportError
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse

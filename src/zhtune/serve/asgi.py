@@ -6,6 +6,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
+
+from zhtune.deps import require
+
+require("fastapi", "zhtune serve")  # the serve extra; a clear message instead of a bare ImportError
+
 from fastapi.responses import JSONResponse
 from starlette.responses import StreamingResponse
 

@@ -12,6 +12,10 @@ import time
 import uuid
 from typing import Any, Literal
 
+from zhtune.deps import require
+
+require("fastapi", "zhtune serve")  # the serve extra; a clear message instead of a bare ImportError
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
