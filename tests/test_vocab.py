@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CORPUS, EN, REPO, SHARED, shared_asset
+from extended_vocab import made_up_chinese
 
 from zhtune.cli import main as zhtune
 
@@ -200,19 +201,6 @@ def shared_default() -> Path:
     from zhtune.model.loader import resolve
 
     return Path(resolve("default").path)
-
-
-def made_up_chinese(path: Path, n: int = 400, seed: int = 0) -> Path:
-    """Lines of made-up four-character words: text whose words the tiny base tokenizers have never seen."""
-    import random
-
-    rng = random.Random(seed)
-    chars = sorted({c for line in CORPUS for c in line if "\u4e00" <= c <= "\u9fff"})
-    words = ["".join(rng.sample(chars, 4)) for _ in range(40)]
-    path.write_text(
-        "\n".join("".join(rng.choices(words, k=8)) + "。" for _ in range(n)) + "\n", encoding="utf-8"
-    )
-    return path
 
 
 def test_sp_train_and_merge_without_shared_assets(tmp_path, sp_tokenizer_dir):
