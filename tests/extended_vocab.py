@@ -14,9 +14,9 @@ torch.set_num_threads(1)
 
 def made_up_chinese(path: Path, n: int = 400, seed: int = 0) -> Path:
     """Lines of made-up four-character words: text whose words the tiny base tokenizers have never seen."""
-    rng = random.Random(seed)
     chars = sorted({c for line in CORPUS for c in line if "\u4e00" <= c <= "\u9fff"})
-    words = ["".join(rng.sample(chars, 4)) for _ in range(40)]
+    vocab_rng, rng = random.Random(0), random.Random(seed)  # the same words whatever the seed of the lines
+    words = ["".join(vocab_rng.sample(chars, 4)) for _ in range(40)]
     path.write_text(
         "\n".join("".join(rng.choices(words, k=8)) + "。" for _ in range(n)) + "\n", encoding="utf-8"
     )
