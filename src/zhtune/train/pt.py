@@ -140,8 +140,16 @@ def check_stage(cfg: Config) -> None:
         raise ConfigError("--peft_path continues a LoRA adapter: it needs --stage lora")
 
 
-def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
-    """Run continued pre-training; returns a summary (metrics before/after, data report, output paths)."""
+def main(
+    cfg: Config | dict[str, Any], data: tuple[Any, Any, Any] | None = None, callbacks: list[Any] | None = None
+) -> dict[str, Any]:
+    """Run continued pre-training; returns a summary (metrics before/after, data report, output paths).
+
+    ``data`` = (train blocks, validation blocks or None, report) skips reading --dataset_dir: any sequences
+    of ``{"input_ids": [...], "n_chars": n}`` (with slicing to dicts of lists, as a ``datasets.Dataset``
+    has) built by :func:`zhtune.data.pt.encode_documents` and :func:`zhtune.data.pt.group_blocks`.
+    ``callbacks`` are added to the trainer's.
+    """
     import torch
     from transformers import set_seed
 
@@ -170,7 +178,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     device = pick_device(m.device)
     src = resolve(m.model_name_or_path, m.gguf_file, m.cache_dir)
     tokenizer = load_tokenizer(m, src)
-    train_ds, eval_ds, report = build_pt_data(tokenizer, d, t.seed)
+    train_ds, eval_ds, report = data if data is not None else build_pt_data(tokenizer, d, t.seed)
     print(
         f"pre-training data ({report.cached_files} of {report.files} files from cache):\n{report.table()}",
         flush=True,
@@ -196,7 +204,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
         eval_dataset=eval_ds,
         data_collator=BlockCollator(),
         processing_class=tokenizer,
-        callbacks=[LossCurveCallback(out / "loss_curve.png"), NonFiniteLossCallback()],
+        callbacks=[LossCurveCallback(out / "loss_curve.png"), NonFiniteLossCallback(), *(callbacks or [])],
         zh_config=cfg,
     )
     eval_bs = t.per_device_eval_batch_size or t.per_device_train_batch_size
