@@ -204,3 +204,28 @@ def test_chars_per_token_cover_the_text(work, sp_tokenizer_dir):
         flat = [c for doc in chars for c in doc]
         assert g["n_chars"] == [sum(flat[k * 8 + 1 : k * 8 + 8]) for k in range(len(g["input_ids"]))]
         assert all(len(b) == 8 for b in g["input_ids"])
+
+
+def test_pt_data_split_cache_and_errors(work, tmp_path):
+    from transformers import AutoTokenizer
+
+    from zhtune.data.pt import PtDataArgs, build_pt_data
+    from zhtune.data.readers import DataError
+
+    tok = AutoTokenizer.from_pretrained(str(work["tok"]))
+    d = PtDataArgs(dataset_dir=str(work["dir"] / "data"), block_size=16, validation_split_percentage=20,
+                   data_cache_dir=str(tmp_path / "c"), preprocessing_num_workers=2)  # fmt: skip
+    train, val, rep = build_pt_data(tok, d, seed=0)
+    assert rep.cached_files == 0 and rep.eval_blocks == round(0.2 * (rep.train_blocks + rep.eval_blocks))
+    # each of the 2 worker shards drops its last partial block
+    assert rep.tokens // 16 - 2 <= rep.train_blocks + rep.eval_blocks <= rep.tokens // 16
+    train2, _, rep2 = build_pt_data(tok, d, seed=0)
+    assert rep2.cached_files == 1 and train2["input_ids"] == train["input_ids"]
+    with pytest.raises(DataError, match="no full block of 100000 tokens"):
+        build_pt_data(tok, PtDataArgs(dataset_dir=str(work["dir"] / "data"), block_size=100000,
+                                      data_cache_dir=str(tmp_path / "c")), seed=0)  # fmt: skip
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.jsonl").write_text('{"text": "好"}\n{"text": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"x.jsonl:2: malformed JSON"):
+        build_pt_data(tok, PtDataArgs(dataset_dir=str(bad), data_cache_dir=str(tmp_path / "c")), seed=0)

@@ -24,7 +24,7 @@ from zhtune.atomic import atomic_dir
 from zhtune.config.parse import ConfigError, field
 
 log = logging.getLogger(__name__)
-PT_VERSION = "1"  # bump when encoding or grouping changes, to invalidate caches
+PT_VERSION = "2"  # bump when encoding or grouping changes, to invalidate caches
 
 
 @dataclass
@@ -150,17 +150,30 @@ def cache_key(path: Path, tokenizer: Any, d: PtDataArgs) -> str:
 def tokenize_file(
     path: Path, tokenizer: Any, d: PtDataArgs, cache_dir: Path
 ) -> tuple[Any, dict[str, int], bool]:
-    """One file's blocks, from the cache or tokenized now. Returns (dataset, counts, cached)."""
+    """One file's blocks, from the cache or tokenized now. Returns (dataset or None if it fills no block,
+    counts, cached)."""
     import datasets
+
+    from zhtune.data.readers import DataError
 
     target = cache_dir / f"pt-{path.stem[:40]}-{cache_key(path, tokenizer, d)}"
     if target.is_dir() and not d.overwrite_cache:
         counts = json.loads((target / "zhtune_counts.json").read_text(encoding="utf-8"))
-        return datasets.load_from_disk(str(target)), counts, True
+        return (datasets.load_from_disk(str(target)) if counts["blocks"] else None), counts, True
     with tempfile.TemporaryDirectory(prefix="zhtune-pt-") as tmp:
-        raw = datasets.Dataset.from_generator(
-            _gen, gen_kwargs={"path": str(path), "text_field": d.text_field}, cache_dir=str(Path(tmp) / "gen")
-        )
+        try:
+            raw = datasets.Dataset.from_generator(
+                _gen,
+                gen_kwargs={"path": str(path), "text_field": d.text_field},
+                cache_dir=str(Path(tmp) / "gen"),
+            )
+        except datasets.exceptions.DatasetGenerationError as e:
+            cause = e.__cause__
+            while cause is not None and not isinstance(cause, DataError):
+                cause = cause.__cause__
+            if isinstance(cause, DataError):
+                raise cause from None
+            raise
         n_docs = len(raw)
         chars = sum(len(t) for t in raw["text"])
         workers = d.preprocessing_num_workers if (d.preprocessing_num_workers or 0) > 1 else None
@@ -173,20 +186,28 @@ def tokenize_file(
             desc=f"Tokenizing {path.name}",
         )
         tokens = int(sum(docs["n_tokens"]))
-        blocks = docs.map(
-            _group,
-            batched=True,
-            batch_size=1000,
-            num_proc=workers,
-            remove_columns=["input_ids", "chars", "n_tokens"],
-            fn_kwargs={"block_size": d.block_size},
-            desc=f"Grouping into blocks of {d.block_size}",
-        )
-        counts = {"documents": n_docs, "chars": chars, "tokens": tokens}
+        blocks = None
+        if tokens >= d.block_size:  # else no block at all (and datasets cannot store zero rows)
+            blocks = docs.map(
+                _group,
+                batched=True,
+                batch_size=1000,
+                num_proc=workers,
+                remove_columns=["input_ids", "chars", "n_tokens"],
+                fn_kwargs={"block_size": d.block_size},
+                desc=f"Grouping into blocks of {d.block_size}",
+            )
+        counts = {
+            "documents": n_docs,
+            "chars": chars,
+            "tokens": tokens,
+            "blocks": len(blocks) if blocks else 0,
+        }
         with atomic_dir(target, overwrite=True) as out:
-            blocks.save_to_disk(str(out))
+            if blocks is not None:
+                blocks.save_to_disk(str(out))
             (out / "zhtune_counts.json").write_text(json.dumps(counts), encoding="utf-8")
-    return datasets.load_from_disk(str(target)), counts, False
+    return (datasets.load_from_disk(str(target)) if counts["blocks"] else None), counts, False
 
 
 def pt_files(d: PtDataArgs) -> list[Path]:
@@ -213,17 +234,26 @@ def build_pt_data(tokenizer: Any, d: PtDataArgs, seed: int) -> tuple[Any, Any | 
     files = pt_files(d)
     for f in files:
         ds, counts, cached = tokenize_file(f, tokenizer, d, cache_dir)
-        parts.append(ds)
+        if ds is not None:
+            parts.append(ds)
         rep.files += 1
         rep.cached_files += int(cached)
         rep.documents += counts["documents"]
         rep.tokens += counts["tokens"]
         rep.chars += counts["chars"]
+    if not parts:
+        raise DataError(
+            files[0],
+            None,
+            f"no full block of {d.block_size} tokens in {rep.tokens:,} tokens: lower --block_size",
+        )
     train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     eval_ds = None
     if d.validation_file:
         (vf,) = list_text_files([d.validation_file])
         eval_ds, _, _ = tokenize_file(vf, tokenizer, d, cache_dir)
+        if eval_ds is None:
+            raise DataError(vf, None, f"the validation text holds no block of {d.block_size} tokens")
     elif d.validation_split_percentage > 0 and len(train) > 1:
         n_eval = max(1, int(round(len(train) * d.validation_split_percentage / 100)))
         split = train.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
