@@ -125,8 +125,8 @@ def main() -> None:
     ap.add_argument("--block_size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps of each stage")
     ap.add_argument("--batch_size", type=int, default=4)
-    ap.add_argument("--lr_stage1", type=float, default=2e-3)
-    ap.add_argument("--lr_stage2", type=float, default=5e-4)
+    ap.add_argument("--lr_stage1", type=float, default=5e-4)
+    ap.add_argument("--lr_stage2", type=float, default=2e-4)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = ap.parse_args()
 
