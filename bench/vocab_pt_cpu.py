@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import time
@@ -143,7 +144,7 @@ def main() -> None:
     train_txt, held_txt = write_peoples_daily(work / "peoples_daily")
     held = held_txt.read_text(encoding="utf-8").splitlines()
     result: dict = {
-        "machine": f"CPU ({platform.processor() or platform.machine()}), torch threads {torch.get_num_threads()}",
+        "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), torch threads {torch.get_num_threads()}",
         "data": {
             "train_lines": len(train_txt.read_text(encoding="utf-8").splitlines()),
             "heldout_lines": len(held),
