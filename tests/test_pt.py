@@ -229,3 +229,24 @@ def test_pt_data_split_cache_and_errors(work, tmp_path):
     (bad / "x.jsonl").write_text('{"text": "好"}\n{"text": \n', encoding="utf-8")
     with pytest.raises(DataError, match=r"x.jsonl:2: malformed JSON"):
         build_pt_data(tok, PtDataArgs(dataset_dir=str(bad), data_cache_dir=str(tmp_path / "c")), seed=0)
+
+
+def test_chat_engine_loads_the_stage2_adapter(work, stage2):
+    """zhtune chat/serve's engine resizes the base the way pt did and applies the adapter (merged)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from zhtune.config.args import ModelArgs
+    from zhtune.infer.engine import Engine, EngineArgs
+
+    eng = Engine.load(
+        ModelArgs(model_name_or_path=str(work["model"]), device="cpu"), EngineArgs(lora_models=[str(stage2)])
+    )
+    base = AutoModelForCausalLM.from_pretrained(str(work["model"]))
+    base.resize_token_embeddings(len(eng.tok), pad_to_multiple_of=64)
+    plain = PeftModel.from_pretrained(base, str(stage2)).eval()
+    ids = torch.tensor(
+        [eng.tok.encode((work["dir"] / "val.txt").read_text(encoding="utf-8").splitlines()[1])]
+    )
+    with torch.no_grad():
+        assert torch.allclose(eng.model(ids).logits, plain(ids).logits, atol=1e-5)

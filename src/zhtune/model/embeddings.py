@@ -122,8 +122,8 @@ def fit_embeddings(
     if base_tok is None:
         if n > rows:
             raise ConfigError(
-                f"the tokenizer {tname} has {n} tokens but the model {model_path} has {rows} embedding rows, and "
-                "the model directory has no tokenizer of its own to initialise the new rows from"
+                f"the tokenizer ({tname}) has {n} tokens but the model ({model_path}) has only {rows} embedding rows, "
+                "and the model directory has no tokenizer of its own to initialise new rows from"
             )
         if rows > padded(n):
             raise ConfigError(
@@ -140,6 +140,11 @@ def fit_embeddings(
             "trained with (--tokenizer_name_or_path), or none to use the model's own"
         )
     if n == nb:
+        if n > rows:  # the model's own tokenizer: nothing to initialise new rows from
+            raise ConfigError(
+                f"the tokenizer ({tname}) has {n} tokens but the model ({model_path}) has only {rows} embedding "
+                "rows: the checkpoint does not match its tokenizer; pass the tokenizer it was trained with"
+            )
         return None
     check_extends(base_tok, tok, model_path or "(model)", tname or "(tokenizer)")
     tied = model.get_output_embeddings() is not None and (
