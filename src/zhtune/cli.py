@@ -13,6 +13,16 @@ import sys
 
 # name -> (module with cli(argv), extra it needs or "", one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "vocab": (
+        "zhtune.vocab.cli",
+        "",
+        "train, merge and compare Chinese vocabularies (zhtune vocab train|merge|stats)",
+    ),
+    "pt": (
+        "zhtune.train.pt",
+        "",
+        "continued pre-training on plain text (embeddings, LoRA + embeddings, or full)",
+    ),
     "sft": ("zhtune.train.sft", "", "instruction-tune (LoRA, QLoRA, full) on Alpaca/ShareGPT/messages data"),
     "chat": ("zhtune.infer.chat", "", "chat with a model (plus adapters) in the terminal"),
     "generate": ("zhtune.infer.generate", "", "answer a JSON/JSONL file of prompts in batches (resumable)"),

@@ -46,6 +46,11 @@ class ModelArgs:
     allow_pickle: bool = field(
         False, "Allow legacy .bin (pickle) weights. Off by default: only safetensors are read."
     )
+    new_token_init: Literal["mean", "subtoken", "random"] = field(
+        "mean",
+        "When the tokenizer extends the model's, rows of new tokens start as the mean of the base pieces that "
+        "spell them (mean), a copy of the first piece (subtoken), or random.",
+    )
 
     def __post_init__(self) -> None:
         if self.load_in_8bit and self.load_in_4bit:

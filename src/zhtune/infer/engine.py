@@ -85,7 +85,8 @@ class Engine:
     @classmethod
     def load(cls, margs: ModelArgs, eargs: EngineArgs | None = None) -> Engine:
         from zhtune.model.adapters import apply_adapters
-        from zhtune.model.loader import check_vocab, load_model, load_tokenizer, resolve
+        from zhtune.model.embeddings import fit_embeddings
+        from zhtune.model.loader import load_model, load_tokenizer, resolve
 
         eargs = eargs or EngineArgs()
         lora = list(eargs.lora_models or [])
@@ -98,9 +99,14 @@ class Engine:
             margs = ModelArgs(**{**margs.__dict__, "tokenizer_name_or_path": tok_dir})
         tok = load_tokenizer(margs, src, padding_side="left")
         model = load_model(margs, src)
-        if lora and len(tok) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tok))  # the adapter carries the trained rows of a larger vocab
-        check_vocab(model, tok, margs)
+        # a longer tokenizer (an extended vocabulary; the adapter carries its trained rows): resize as training did
+        fit_embeddings(
+            model,
+            tok,
+            model_path=src.path,
+            tokenizer_name=margs.tokenizer_name_or_path,
+            init=margs.new_token_init,
+        )
         if lora:  # merged for speed, except into a quantized base (that would round the update away)
             model = apply_adapters(model, lora, merge=not (margs.load_in_8bit or margs.load_in_4bit))
         fmt = get_format(tok, eargs.template, directory=tok_dir or src.path)

@@ -202,11 +202,15 @@ def load_model(
 def load(
     args: ModelArgs, *, place: bool = True, dtype: torch.dtype | None = None, padding_side: str = "right"
 ):
-    """Model and tokenizer, checked to agree on vocabulary size."""
+    """Model and tokenizer, the model resized when the tokenizer extends its own (see model.embeddings)."""
+    from zhtune.model.embeddings import fit_embeddings
+
     src = resolve(args.model_name_or_path, args.gguf_file, args.cache_dir)
     tok = load_tokenizer(args, src, padding_side=padding_side)
     model = load_model(args, src, dtype=dtype, place=place)
-    check_vocab(model, tok, args)
+    fit_embeddings(
+        model, tok, model_path=src.path, tokenizer_name=args.tokenizer_name_or_path, init=args.new_token_init
+    )
     return model, tok
 
 

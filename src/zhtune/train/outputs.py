@@ -22,17 +22,25 @@ def check_output_dir(out: Path, *, overwrite: bool, resuming: bool) -> None:
 
 
 def save_final(
-    trainer: Any, tokenizer: Any, fmt: ChatFormat, cfg: Config, out: Path, summary: dict[str, Any]
+    trainer: Any, tokenizer: Any, fmt: ChatFormat | None, cfg: Config, out: Path, summary: dict[str, Any]
 ) -> None:
-    """Adapter (or full model), tokenizer + chat template, resolved config and results, atomically."""
+    """Adapter (or full model), tokenizer + chat template, resolved config and results, atomically.
+
+    ``fmt`` None (pre-training with a tokenizer that has no chat template) writes no template record.
+    """
     from zhtune.train.trainer import CONFIG_NAME, write_json
 
     staging = tmp_sibling(out / "final")
     staging.mkdir(parents=True)
     trainer.save_model(str(staging))
     save_tokenizer(tokenizer, staging)
-    write_sidecar(fmt, staging)
-    save_config(cfg, staging / CONFIG_NAME, extra={"data_report": summary["data"], "template": fmt.name})
+    if fmt is not None:
+        write_sidecar(fmt, staging)
+    save_config(
+        cfg,
+        staging / CONFIG_NAME,
+        extra={"data_report": summary["data"], "template": fmt.name if fmt else None},
+    )
     write_json(staging / "train_results.json", {k: v for k, v in summary.items() if k != "log_history"})
     write_json(staging / "log_history.json", summary["log_history"])
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the YAML config says the same
