@@ -5,11 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import torch
 from conftest import CORPUS
-
-# tiny models on a shared 2-core machine: one thread is ~100x faster than two fighting over busy cores
-torch.set_num_threads(1)
 
 
 def made_up_chinese(path: Path, n: int = 400, seed: int = 0) -> Path:

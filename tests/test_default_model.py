@@ -81,9 +81,9 @@ def test_sft_on_default_with_chinese_alpaca_roundtrips_through_peft(tmp_path, de
     with torch.no_grad():
         merged = peft_model.merge_and_unload()(x).logits
     from zhtune.config.args import ModelArgs
-    from zhtune.infer.engine import Engine
+    from zhtune.infer.engine import Engine, EngineArgs
 
-    ours = Engine.load(ModelArgs(device="cpu"), [str(out)])
+    ours = Engine.load(ModelArgs(device="cpu"), EngineArgs(lora_models=[str(out)]))
     with torch.no_grad():
         assert torch.allclose(ours.model(x).logits, merged, atol=1e-4)
 
