@@ -15,6 +15,11 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("zhtune.train.sft", "", "instruction-tune (LoRA, QLoRA, full) on Alpaca/ShareGPT/messages data"),
     "chat": ("zhtune.infer.chat", "", "chat with a model (plus adapters) in the terminal"),
+    "data": (
+        "zhtune.data.cli",
+        "data",
+        "data tools: convert, merge, clean, filter, dedup, split, stats, generate",
+    ),
     "demo": ("zhtune.demo", "demo", "Chinese sentiment demo on the embedded default model (CPU, ~10 min)"),
 }
 
