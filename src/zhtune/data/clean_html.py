@@ -15,8 +15,17 @@ from typing import Any, Literal
 
 from zhtune.config.parse import Config, field
 from zhtune.data.formats import map_texts
-from zhtune.data.pipeline import InputArgs, OutputArgs, Result, Summary, Tool, as_config, run, tool_cli
-from zhtune.data.readers import to_messages
+from zhtune.data.pipeline import (
+    InputArgs,
+    OutputArgs,
+    Result,
+    Summary,
+    Tool,
+    as_config,
+    messages,
+    run,
+    tool_cli,
+)
 
 DESCRIPTION = (
     "Turn HTML in conversations into Markdown (FastChat clean_sharegpt), keeping code blocks and tables."
@@ -104,10 +113,10 @@ class CleanHtml(Tool):
         return text
 
     def apply(self, rec: Any) -> Result:
-        fmt, _ = to_messages(rec, check=False)
+        fmt, _ = messages(rec, check=False)
         new, changed = map_texts(rec, fmt, self.text)
         try:
-            to_messages(new)
+            messages(new)
         except ValueError as e:
             return Result([], f"unusable after cleaning ({str(e).split(' (')[0]})", fmt=fmt)
         return Result([new], changed=changed, fmt=fmt)

@@ -13,8 +13,17 @@ from typing import Any, Literal
 
 from zhtune.config.parse import Config, ConfigError, field
 from zhtune.data.formats import extras_of, from_messages
-from zhtune.data.pipeline import InputArgs, OutputArgs, Result, Summary, Tool, as_config, run, tool_cli
-from zhtune.data.readers import to_messages
+from zhtune.data.pipeline import (
+    InputArgs,
+    OutputArgs,
+    Result,
+    Summary,
+    Tool,
+    as_config,
+    messages,
+    run,
+    tool_cli,
+)
 
 DESCRIPTION = "Convert instruction data between Alpaca, ShareGPT, OpenAI messages and Chinese-Vicuna chat."
 
@@ -43,7 +52,7 @@ class Convert(Tool):
         self.to = args.to
 
     def apply(self, rec: Any) -> Result:
-        fmt, msgs = to_messages(rec)
+        fmt, msgs = messages(rec)
         try:
             out = from_messages(msgs, self.to, extras_of(rec, fmt))
         except ValueError as e:

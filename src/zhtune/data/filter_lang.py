@@ -14,8 +14,18 @@ from typing import Any
 
 from zhtune.config.parse import Config, ConfigError, field
 from zhtune.data.formats import conversation_text
-from zhtune.data.pipeline import InputArgs, Item, OutputArgs, Result, Summary, Tool, as_config, run, tool_cli
-from zhtune.data.readers import to_messages
+from zhtune.data.pipeline import (
+    InputArgs,
+    Item,
+    OutputArgs,
+    Result,
+    Summary,
+    Tool,
+    as_config,
+    messages,
+    run,
+    tool_cli,
+)
 
 DESCRIPTION = "Keep or skip conversations by language (langid.py; its model ships in the package)."
 
@@ -78,7 +88,7 @@ class FilterLang(Tool):
 
     def apply(self, rec: Any) -> Result:
         assert self.ident is not None
-        fmt, msgs = to_messages(rec)
+        fmt, msgs = messages(rec)
         lang = self.ident(conversation_text(msgs)[: self.args.max_chars])
         if (self.keep and lang not in self.keep) or lang in self.skip:
             return Result([], f"language {lang}", fmt=fmt, key=lang)

@@ -15,8 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.config.parse import Config, ConfigError, field
-from zhtune.data.pipeline import InputArgs, Item, OutputArgs, Result, Summary, Tool, as_config, run, tool_cli
-from zhtune.data.readers import to_messages
+from zhtune.data.pipeline import (
+    InputArgs,
+    Item,
+    OutputArgs,
+    Result,
+    Summary,
+    Tool,
+    as_config,
+    messages,
+    run,
+    tool_cli,
+)
 from zhtune.data.stream import dumps
 
 DESCRIPTION = "Merge several instruction files into one (FastChat merge.py), keeping ids unique."
@@ -51,7 +61,7 @@ class Merge(Tool):
         self.renamed = self.added = 0
 
     def apply(self, rec: Any) -> Result:
-        fmt, _ = to_messages(rec)
+        fmt, _ = messages(rec)
         rid = rec.get(self.id_field)
         return Result([rec], fmt=fmt, key=None if rid is None else str(rid))
 

@@ -17,8 +17,17 @@ from typing import Any
 
 from zhtune.config.parse import Config, field
 from zhtune.data.formats import map_texts
-from zhtune.data.pipeline import InputArgs, OutputArgs, Result, Summary, Tool, as_config, run, tool_cli
-from zhtune.data.readers import to_messages
+from zhtune.data.pipeline import (
+    InputArgs,
+    OutputArgs,
+    Result,
+    Summary,
+    Tool,
+    as_config,
+    messages,
+    run,
+    tool_cli,
+)
 
 DESCRIPTION = (
     "Normalise text: Traditional to Simplified Chinese (OpenCC), full-width to half-width, whitespace."
@@ -97,10 +106,10 @@ class Normalize(Tool):
         return text
 
     def apply(self, rec: Any) -> Result:
-        fmt, _ = to_messages(rec)
+        fmt, _ = messages(rec)
         new, changed = map_texts(rec, fmt, self.text)
         try:
-            to_messages(new)
+            messages(new)
         except ValueError as e:
             return Result([], f"unusable after normalizing ({str(e).split(' (')[0]})", fmt=fmt)
         return Result([new], changed=changed, fmt=fmt)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zhtune.config.parse import Config, ConfigError, build, field, parse_cli
-from zhtune.data.readers import DataError
+from zhtune.data.readers import DataError, to_messages
 from zhtune.data.stream import (
     LAYOUTS,
     BadRecord,
@@ -96,6 +96,14 @@ class Item:
     key: Any = None
 
 
+def messages(rec: Any, check: bool = True) -> tuple[str, list[dict]]:
+    """``readers.to_messages``, with its complaints turned into BadRecord (reported by file:line)."""
+    try:
+        return to_messages(rec, check=check)
+    except ValueError as e:
+        raise BadRecord(str(e)) from None
+
+
 class Tool:
     """Base class: override ``apply`` (or ``apply_batch``), optionally ``setup``, ``reduce``, ``finish``."""
 
@@ -108,12 +116,12 @@ class Tool:
         raise NotImplementedError
 
     def apply_batch(self, recs: list[Any]) -> list[Result | str]:
-        """Results in order; a string is the problem that makes that record bad."""
+        """Results in order; a string is the problem that makes that record bad (raised as BadRecord)."""
         out: list[Result | str] = []
         for rec in recs:
             try:
                 out.append(self.apply(rec))
-            except ValueError as e:
+            except BadRecord as e:
                 out.append(str(e))
         return out
 
@@ -134,6 +142,7 @@ class Summary:
     changed: int = 0
     bytes_in: int = 0
     seconds: float = 0.0
+    setup_seconds: float = 0.0
     dropped: Counter = None  # type: ignore[assignment]
     bad: Counter = None  # type: ignore[assignment]
     formats: Counter = None  # type: ignore[assignment]
@@ -164,6 +173,7 @@ class Summary:
             "formats": dict(self.formats.most_common()),
             "bytes_in": self.bytes_in,
             "seconds": round(self.seconds, 3),
+            "setup_seconds": round(self.setup_seconds, 3),
             "records_per_s": round(self.records_per_s, 1),
             "mb_per_s": round(self.mb_per_s, 2),
             **self.extra,
@@ -196,6 +206,10 @@ def _init_worker(tool: Tool) -> None:
     global _WORKER_TOOL
     _WORKER_TOOL = tool
     tool.setup()
+
+
+def _ready() -> None:
+    time.sleep(0.2)  # long enough that every worker takes one, so all have run setup
 
 
 def _apply_in_worker(batch: list[tuple[int, Any]]) -> list[Item]:
@@ -253,11 +267,15 @@ def run(tool: Tool, inp: InputArgs, out: OutputArgs | None = None, *, quiet: boo
         summary.output = str(dest)
         say(f"writing {dest}: {LAYOUTS[writer.layout]}")
     pool = None
+    t_setup = time.perf_counter()
     if inp.num_proc > 1:
         ctx = mp.get_context("spawn")
         pool = ProcessPoolExecutor(inp.num_proc, mp_context=ctx, initializer=_init_worker, initargs=(tool,))
+        for fut in [pool.submit(_ready) for _ in range(inp.num_proc)]:
+            fut.result()
     else:
         tool.setup()
+    summary.setup_seconds = time.perf_counter() - t_setup
     total = sum(p.stat().st_size for p in paths)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=tool.name, disable=None)
     t0 = time.perf_counter()
@@ -330,11 +348,14 @@ def report(summary: Summary, title: str, report_file: str | None = None) -> None
     """Print the summary table; write it as JSON when asked."""
     print(f"{title}\n{summary.table()}", flush=True)
     if report_file:
-        from zhtune.atomic import atomic_write_text
+        save_report(summary, report_file)
 
-        text = json.dumps(summary.to_dict(), ensure_ascii=False, indent=2)
-        atomic_write_text(report_file, text + "\n")
-        print(f"report: {report_file}")
+
+def save_report(summary: Summary, path: str) -> None:
+    from zhtune.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(summary.to_dict(), ensure_ascii=False, indent=2) + "\n")
+    print(f"report: {path}")
 
 
 def tool_cli(

@@ -22,8 +22,20 @@ from typing import Any
 
 from zhtune.config.parse import Config, ConfigError, field
 from zhtune.data.formats import conversation_text
-from zhtune.data.pipeline import InputArgs, Item, OutputArgs, Result, Summary, Tool, as_config, run, tool_cli
-from zhtune.data.readers import to_messages, validate
+from zhtune.data.pipeline import (
+    InputArgs,
+    Item,
+    OutputArgs,
+    Result,
+    Summary,
+    Tool,
+    as_config,
+    messages,
+    run,
+    tool_cli,
+)
+from zhtune.data.readers import validate
+from zhtune.data.stream import BadRecord
 
 DESCRIPTION = "Drop low-quality records: empty answers, length, Chinese ratio, repeated n-grams, refusals."
 PHRASES = Path(__file__).with_name("refusal_phrases.yaml")
@@ -131,10 +143,13 @@ class Quality(Tool):
         return failed
 
     def apply(self, rec: Any) -> Result:
-        fmt, msgs = to_messages(rec, check=False)
+        fmt, msgs = messages(rec, check=False)
         failed = self.checks(msgs)
         if "empty answer" not in failed:
-            validate(msgs)  # turn order problems make a bad record, not a quality drop
+            try:
+                validate(msgs)  # turn order problems make a bad record, not a quality drop
+            except ValueError as e:
+                raise BadRecord(str(e)) from None
         if failed:
             return Result([], failed[0], fmt=fmt, key=failed)
         return Result([rec], fmt=fmt)
