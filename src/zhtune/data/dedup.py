@@ -88,6 +88,19 @@ def _crc(shingle: str) -> int:
     return zlib.crc32(shingle.encode("utf-8"))
 
 
+def lsh_params(threshold: float, num_perm: int, recall: float = 0.97) -> tuple[int, int]:
+    """Bands and rows for LSH so a pair at the threshold becomes a candidate with this probability.
+
+    datasketch's default balances misses against false candidates; since every candidate is checked
+    against its MinHash estimate here, false candidates cost only time, so recall is what to buy.
+    """
+    for b in range(1, num_perm + 1):
+        r = num_perm // b
+        if 1 - (1 - threshold**r) ** b >= recall:
+            return b, r
+    return num_perm, 1
+
+
 def _band_hash(band: bytes) -> bytes:
     return hashlib.blake2b(band, digest_size=8).digest()
 
@@ -149,7 +162,8 @@ class Dedup(Tool):
         a = self.args
         self.MinHash = MinHash
         self.scheme = MinHash(num_perm=a.num_perm, seed=a.seed).scheme
-        self.lsh = MinHashLSH(threshold=a.threshold, num_perm=a.num_perm, hashfunc=_band_hash)
+        params = lsh_params(a.threshold, a.num_perm)
+        self.lsh = MinHashLSH(num_perm=a.num_perm, params=params, hashfunc=_band_hash)
         self.exact: dict[int, int] = {}
         self.sigs: list[np.ndarray] = []  # kept units' signatures, in blocks of 4096
         self.unit_rec = array("q")  # kept unit -> record number

@@ -59,6 +59,9 @@ def load_counting_tokenizer(model_name_or_path: str, tokenizer_name_or_path: str
     from zhtune.config.args import ModelArgs
     from zhtune.model.loader import load_tokenizer
 
+    if tokenizer_name_or_path is None and Path(model_name_or_path).is_dir():
+        tokenizer_name_or_path = model_name_or_path  # a directory may hold only a tokenizer
+
     return load_tokenizer(
         ModelArgs(model_name_or_path=model_name_or_path, tokenizer_name_or_path=tokenizer_name_or_path)
     )

@@ -76,6 +76,7 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, bytes, int]]:
             done += len(raw)
             if i == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")
+            raw = raw.rstrip(b"\r\n")
             if raw.strip():
                 yield i, raw, done
 
