@@ -17,7 +17,6 @@ import hashlib
 import json
 import re
 import unicodedata
-import zlib
 from array import array
 from collections import defaultdict
 from dataclasses import dataclass
@@ -84,8 +83,28 @@ def text_hash(norm: str) -> int:
     return int.from_bytes(hashlib.blake2b(norm.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def _crc(shingle: str) -> int:
-    return zlib.crc32(shingle.encode("utf-8"))
+FNV_PRIME = 0x100000001B3
+
+
+def shingle_hashes(norm: str, n: int) -> list[int]:
+    """Distinct 32-bit hashes of the character n-grams of ``norm`` (a polynomial rolling hash, in numpy).
+
+    The text itself is hashed when shorter than ``n``. About ten times faster than hashing each shingle
+    in Python; MinHash's random permutations are applied on top by datasketch.
+    """
+    cps = np.frombuffer(norm.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    width = min(n, len(cps)) or 1
+    count = max(1, len(cps) - width + 1)
+    h = np.zeros(count, dtype=np.uint64)
+    prime = np.uint64(FNV_PRIME)
+    for k in range(min(width, len(cps))):
+        h = h * prime + cps[k : k + count]
+    h ^= h >> np.uint64(32)
+    return np.unique(h & np.uint64(0xFFFFFFFF)).tolist()
+
+
+def _identity(x: int) -> int:
+    return x
 
 
 def lsh_params(threshold: float, num_perm: int, recall: float = 0.97) -> tuple[int, int]:
@@ -118,12 +137,14 @@ class Signer:
         self.perms, self.scheme = proto.permutations, proto.scheme
 
     def __call__(self, norm: str) -> bytes:
-        n = self.ngram
-        shingles = {norm[i : i + n] for i in range(max(1, len(norm) - n + 1))}
         m = self.MinHash(
-            num_perm=self.num_perm, seed=self.seed, hashfunc=_crc, permutations=self.perms, scheme=self.scheme
+            num_perm=self.num_perm,
+            seed=self.seed,
+            hashfunc=_identity,
+            permutations=self.perms,
+            scheme=self.scheme,
         )
-        m.update_batch(list(shingles))
+        m.update_batch(shingle_hashes(norm, self.ngram))
         return m.hashvalues.astype(np.uint32).tobytes()
 
 

@@ -1,7 +1,7 @@
 """``zhtune data filter-lang``: keep or skip conversations by language (FastChat's ``optional_clean.py``).
 
 The language is identified by langid.py, whose model ships inside the PyPI package: nothing is downloaded.
-It looks at the first ``--max_chars`` characters of the conversation (all turns). Codes are ISO 639-1
+It looks at the first ``--max_chars`` (600) characters of the conversation (all turns). Codes are ISO 639-1
 (zh, en, ja, ...); below ``--min_confidence`` a conversation counts as ``und`` (undetermined).
 """
 
@@ -45,7 +45,7 @@ class LangArgs:
     keep_lang: list[str] | None = field(None, "Keep only these languages, comma separated (e.g. zh,en).")
     skip_lang: list[str] | None = field(None, "Drop these languages, comma separated.")
     min_confidence: float = field(0.0, "Below this probability the language is 'und' (undetermined).")
-    max_chars: int = field(2000, "Identify from the first this many characters of the conversation.")
+    max_chars: int = field(600, "Identify from the first this many characters of the conversation.")
 
     def __post_init__(self) -> None:
         if not self.keep_lang and not self.skip_lang:
@@ -126,7 +126,7 @@ def identifier() -> Any:
 class LangId:
     """Language of a text: an ISO 639-1 code, or 'und' when empty or below ``min_confidence``."""
 
-    def __init__(self, max_chars: int = 2000, min_confidence: float = 0.0):
+    def __init__(self, max_chars: int = 600, min_confidence: float = 0.0):
         self.ident = identifier()
         self.max_chars, self.min_confidence = max_chars, min_confidence
 

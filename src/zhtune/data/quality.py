@@ -91,15 +91,7 @@ def repeat_ratio(text: str, n: int) -> float:
     count = len(text) - n + 1
     if count < n:
         return 0.0
-    seen: set[str] = set()
-    dup = 0
-    for i in range(count):
-        g = text[i : i + n]
-        if g in seen:
-            dup += 1
-        else:
-            seen.add(g)
-    return dup / count
+    return 1.0 - len({text[i : i + n] for i in range(count)}) / count  # every repeat is one fewer distinct
 
 
 class Quality(Tool):

@@ -2,7 +2,7 @@
 
 Counts by record format, conversation lengths in tokens of a given tokenizer (or in characters), prompt
 and answer lengths, human/assistant pairs per conversation and the language mix (langid.py, on the first
-2,000 characters of each conversation). Memory grows by a few bytes per record (the lengths), not with
+600 characters of each conversation). Memory grows by a few bytes per record (the lengths), not with
 the records' size.
 """
 

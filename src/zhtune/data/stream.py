@@ -88,7 +88,7 @@ def parse(payload: Any) -> Any:
     try:
         return json.loads(payload)
     except json.JSONDecodeError as e:
-        raise BadRecord(f"malformed JSON ({e.msg} at column {e.colno})") from None
+        raise BadRecord(f"malformed JSON ({e.msg}, column {e.colno})") from None
     except UnicodeDecodeError:
         raise BadRecord("not valid UTF-8 (convert the file to UTF-8)") from None
 
