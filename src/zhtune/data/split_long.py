@@ -67,6 +67,16 @@ def load_counting_tokenizer(model_name_or_path: str, tokenizer_name_or_path: str
     )
 
 
+def count_tokens(tok: Any, texts: list[str]) -> list[int]:
+    """Token counts without special tokens; through the Rust tokenizer in one batch where there is one."""
+    if not texts:
+        return []
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        return [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
 def pack_pairs(pair_lens: list[int], budget: int) -> list[tuple[int, int]]:
     """Greedy packing of pairs, in order, into ``[start, end)`` ranges of at most ``budget`` tokens."""
     pieces, start, cur = [], 0, 0
@@ -102,8 +112,7 @@ class SplitLong(Tool):
                 continue
             parsed.append((fmt, msgs))
             texts += [m["content"] for m in msgs]
-        ids = self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-        lens = iter(len(x) + self.args.turn_overhead for x in ids)
+        lens = iter(n + self.args.turn_overhead for n in count_tokens(self.tok, texts))
         out: list[Result | str] = []
         for rec, p in zip(recs, parsed):
             if isinstance(p, str):

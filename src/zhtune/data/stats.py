@@ -102,8 +102,10 @@ class Stats(Tool):
                 continue
             parsed.append((fmt, msgs))
             texts += [m["content"] for m in msgs]
-        if self.tok is not None and texts:
-            lens = iter(len(x) for x in self.tok(texts, add_special_tokens=False)["input_ids"])
+        if self.tok is not None:
+            from zhtune.data.split_long import count_tokens
+
+            lens = iter(count_tokens(self.tok, texts))
         else:
             lens = iter(len(t) for t in texts)
         out: list[Result | str] = []
