@@ -167,3 +167,25 @@ def test_generate_against_zhtune_serve_then_train(tmp_path):
         zhtune([*sft, "--max_steps", "1", "--per_device_train_batch_size", "2", "--report_to", "none"]) == 0
     )
     assert (run / "adapter_config.json").is_file()
+
+
+def test_parse_tasks_reads_json_scattered_objects_and_labelled_blocks():
+    from zhtune.data.generate_prompt import first_line, parse_tasks
+
+    arr = '好的：\n```json\n[{"instruction": "写诗", "input": "", "output": "春眠不觉晓"}, {"指令": "翻译", "输入": "你好", "输出": "Hello"}]\n```'
+    assert parse_tasks(arr) == [
+        {"instruction": "写诗", "input": "", "output": "春眠不觉晓"},
+        {"instruction": "翻译", "input": "你好", "output": "Hello"},
+    ]
+    loose = '1. {"instruction": "a", "output": "b"}\n2. {"instruction": "c", "input": 3, "output": "d"} 完'
+    assert parse_tasks(loose) == [
+        {"instruction": "a", "input": "", "output": "b"},
+        {"instruction": "c", "input": "3", "output": "d"},
+    ]
+    blocks = "1. 指令：写一句问候语\n输出：你好！\n2. 指令：把数字相加\n输入：1 和 2\n输出：3"
+    assert parse_tasks(blocks) == [
+        {"instruction": "写一句问候语", "input": "", "output": "你好！"},
+        {"instruction": "把数字相加", "input": "1 和 2", "output": "3"},
+    ]
+    assert parse_tasks("no tasks here") == []
+    assert first_line('\n  1. "介绍一下长城。"\n其他') == "介绍一下长城。"
