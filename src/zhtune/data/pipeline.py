@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import re
 import sys
 import time
 from collections import Counter, deque
@@ -34,6 +35,7 @@ from zhtune.data.stream import (
     parse,
 )
 
+COLUMN = re.compile(r",? column \d+")  # "malformed JSON (..., column 66)" counts with every other column
 BATCH_RECORDS = 512
 BATCH_BYTES = 2 << 20
 
@@ -291,7 +293,7 @@ def run(tool: Tool, inp: InputArgs, out: OutputArgs | None = None, *, quiet: boo
                         item.line,
                         f"{item.error} (or pass --skip_bad_records to count and skip such records)",
                     )
-                summary.bad[item.error.split(":")[0][:80]] += 1
+                summary.bad[COLUMN.sub("", item.error.split(":")[0])[:80]] += 1
                 continue
             if item.fmt:
                 summary.formats[item.fmt] += 1
