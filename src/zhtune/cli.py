@@ -27,6 +27,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "chat": ("zhtune.infer.chat", "", "chat with a model (plus adapters) in the terminal"),
     "generate": ("zhtune.infer.generate", "", "answer a JSON/JSONL file of prompts in batches (resumable)"),
     "serve": ("zhtune.serve.server", "serve", "OpenAI-compatible API and web chat page"),
+    "data": (
+        "zhtune.data.cli",
+        "data",
+        "data tools: convert, merge, clean, filter, dedup, split, stats, generate",
+    ),
     "demo": ("zhtune.demo", "demo", "Chinese sentiment demo on the embedded default model (CPU, ~10 min)"),
 }
 

@@ -12,7 +12,7 @@ OPTIONAL = {
     "liger_kernel": ("gpu", "liger-kernel"),
     "fastapi": ("serve", "fastapi"),
     "uvicorn": ("serve", "uvicorn"),
-    "opencc": ("data", "opencc-python-reimplemented"),
+    "opencc": ("data", "opencc"),
     "markdownify": ("data", "markdownify"),
     "bs4": ("data", "beautifulsoup4"),
     "datasketch": ("data", "datasketch"),
