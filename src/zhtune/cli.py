@@ -15,6 +15,16 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("zhtune.train.sft", "", "instruction-tune (LoRA, QLoRA, full) on Alpaca/ShareGPT/messages data"),
     "chat": ("zhtune.infer.chat", "", "chat with a model (plus adapters) in the terminal"),
+    "merge": (
+        "zhtune.merge.merge",
+        "",
+        "merge LoRA adapters (in order) into the base; write HF safetensors or GGUF",
+    ),
+    "export": (
+        "zhtune.export.export",
+        "",
+        "export a model as GGUF (f16, q8_0, q4_0) for llama.cpp and Ollama",
+    ),
     "demo": ("zhtune.demo", "demo", "Chinese sentiment demo on the embedded default model (CPU, ~10 min)"),
 }
 
