@@ -36,7 +36,7 @@ def make_adapter(
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, modules_to_save=modules_to_save)
     peft_model = get_peft_model(model, cfg)
     with torch.no_grad():
-        for name, p in peft_model.named_parameters():
+        for p in peft_model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.2)
     peft_model.save_pretrained(str(out), save_embedding_layers=save_embeddings)

@@ -25,9 +25,9 @@ NEW_WORDS = ["人民日报", "机器学习", "自然语言处理", "北京", "�
 def load_plain(d: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(
-        str(d)
-    )
+    return AutoModelForCausalLM.from_pretrained(
+        str(d), dtype=torch.float32
+    ).eval(), AutoTokenizer.from_pretrained(str(d))
 
 
 def run_merge(base: Path, adapters: list[Path], out: Path, *extra: str) -> int:
@@ -63,7 +63,9 @@ def test_one_adapter_matches_peft(tmp_path, tiny_llama_sp):
 
 def test_two_adapters_in_order_and_order_matters(tmp_path, tiny_llama_sp):
     # A replaces embed_tokens in full; B puts a LoRA on embed_tokens: A then B keeps B's update, B then A loses it
-    a = make_adapter(tiny_llama_sp, tmp_path / "a", seed=2, targets=["q_proj"], modules_to_save=["embed_tokens"])
+    a = make_adapter(
+        tiny_llama_sp, tmp_path / "a", seed=2, targets=["q_proj"], modules_to_save=["embed_tokens"]
+    )
     b = make_adapter(tiny_llama_sp, tmp_path / "b", seed=3, targets=["embed_tokens", "v_proj"])
     ids = make_ids(tiny_llama_sp)
     results = {}
@@ -71,7 +73,9 @@ def test_two_adapters_in_order_and_order_matters(tmp_path, tiny_llama_sp):
         chain = [a, b] if order == "ab" else [b, a]
         assert run_merge(tiny_llama_sp, chain, tmp_path / order) == 0
         got = logits(load_plain(tmp_path / order)[0], ids)
-        torch.testing.assert_close(got, logits(reference_model(tiny_llama_sp, chain), ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            got, logits(reference_model(tiny_llama_sp, chain), ids), atol=1e-5, rtol=1e-5
+        )
         results[order] = got
     assert (results["ab"] - results["ba"]).abs().max() > 1e-2
 
@@ -88,7 +92,12 @@ def test_resized_vocab_plus_style_chain(tmp_path, tiny_llama_sp, zh_tok):
     from transformers import AutoTokenizer
 
     pt = make_adapter(
-        tiny_llama_sp, tmp_path / "pt", seed=4, targets=ALL, modules_to_save=["embed_tokens", "lm_head"], tokenizer_dir=zh_tok
+        tiny_llama_sp,
+        tmp_path / "pt",
+        seed=4,
+        targets=ALL,
+        modules_to_save=["embed_tokens", "lm_head"],
+        tokenizer_dir=zh_tok,
     )
     sft_tok = AutoTokenizer.from_pretrained(str(zh_tok))
     sft_tok.add_special_tokens({"pad_token": "[PAD]"})  # Alpaca-Plus has one row more than LLaMA-Plus
@@ -115,7 +124,9 @@ def test_resized_vocab_plus_style_chain(tmp_path, tiny_llama_sp, zh_tok):
     text = "人民日报说机器学习和自然语言处理很重要。"
     ids = tok(text)["input_ids"]
     assert any(i >= 700 for i in ids)  # the new Chinese words are single tokens
-    torch.testing.assert_close(logits(model, ids), logits(reference_model(tiny_llama_sp, [pt, sft]), ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits(model, ids), logits(reference_model(tiny_llama_sp, [pt, sft]), ids), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_bf16_output_within_tolerance(tmp_path, tiny_llama_bpe):
@@ -160,9 +171,9 @@ def test_architecture_mismatch_is_reported(tmp_path, sp_tokenizer_dir, tiny_llam
     cfg.update(hidden_size=64, num_hidden_layers=3)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "dtype")})).save_pretrained(
-        other
-    )
+    LlamaForCausalLM(
+        LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "dtype")})
+    ).save_pretrained(other)
     ad = make_adapter(other, tmp_path / "a", seed=8, targets=["q_proj", "down_proj"])
     with pytest.raises(ConfigError) as e:
         plan_merge(tiny_llama_sp, [str(ad)])
@@ -236,7 +247,9 @@ def test_killed_merge_leaves_no_output(tmp_path, tiny_llama_sp):
             proc.kill()
     assert not out.exists()
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-out")]
-    assert leftovers and any(leftovers[0].glob("*.safetensors"))  # the partial work sat under a temporary name
+    assert leftovers and any(
+        leftovers[0].glob("*.safetensors")
+    )  # the partial work sat under a temporary name
     # a rerun succeeds and leaves the complete model
     assert run_merge(tiny_llama_sp, [ad], out) == 0
     assert (out / "config.json").is_file()
