@@ -7,6 +7,7 @@ trained ones; bench/gguf_quality.py measures the embedded default model).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tracemalloc
 from pathlib import Path
@@ -104,7 +105,7 @@ def test_chat_template_and_special_tokens(tmp_path, tiny_llama_bpe):
 
     tok = AutoTokenizer.from_pretrained(str(tiny_llama_bpe))
     assert f["tokenizer.chat_template"] == tok.chat_template
-    assert f["tokenizer.ggml.pre"] == "gpt2"
+    assert f["tokenizer.ggml.pre"] == "gpt-2"  # llama.cpp's name for the GPT-2 split
     types = f["tokenizer.ggml.token_type"]
     for s in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
         assert types[tok.convert_tokens_to_ids(s)] == 3  # control
@@ -233,3 +234,42 @@ def test_merge_straight_to_gguf(tmp_path, tiny_llama_sp):
     assert ((ref - got).abs().max() / ref.abs().max()) < BOUNDS["q8_0"]
     meta = json.dumps(gguf_fields(path)["general.name"])
     assert "merged" in meta
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None,
+    reason="llama-cpp-python is not installed (pip install 'zhtune[llamacpp]' compiles llama.cpp)",
+)
+@pytest.mark.parametrize("kind", ["sp", "bpe", "bpe_zh"])
+def test_llama_cpp_reads_the_exports(tmp_path, kind, tiny_llama_sp, tiny_llama_bpe, bpe_tokenizer_dir):
+    """A real llama.cpp tokenizes like the HF tokenizer and computes the same logits (within the same bounds)."""
+    import numpy as np
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if kind == "bpe_zh":  # byte-level BPE extended with whole Chinese words (user-defined tokens)
+        tok = AutoTokenizer.from_pretrained(str(bpe_tokenizer_dir))
+        tok.add_tokens(["人民日报", "机器学习", "自然语言处理"])
+        tok.save_pretrained(str(tmp_path / "tok"))
+        model = make_tiny_model(tmp_path / "tok", tmp_path / "bpe_zh", tie=True)
+    else:
+        model = tiny_llama_sp if kind == "sp" else tiny_llama_bpe
+    tok = AutoTokenizer.from_pretrained(str(model))
+    hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    texts = CORPUS[::7] + TEXTS + ["人民日报说机器学习和自然语言处理。"]
+    ids = tok(ZH[0] + ZH[5])["input_ids"]
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    for quant in ("f16", "q8_0", "q4_0"):
+        path = export(model, tmp_path, quant)
+        llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False, logits_all=True)
+        for t in texts:
+            want = tok(t)["input_ids"]
+            assert (
+                llm.tokenize(t.encode("utf-8"), add_bos=want[:1] == [tok.bos_token_id], special=True) == want
+            ), t
+        llm.eval(ids)
+        got = np.asarray(llm.scores[: len(ids)])
+        rel = float(np.abs(got - ref).max() / np.abs(ref).max())
+        assert rel < BOUNDS[quant], (quant, rel)
+        llm.close()

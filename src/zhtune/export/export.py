@@ -32,6 +32,11 @@ class ExportArgs:
         None, "Chat template stored in the GGUF (default: the one saved with the model or adapter)."
     )
     overwrite_output_dir: bool = field(False, "Replace a GGUF of the same name in --output_dir.")
+    verify: bool = field(
+        False,
+        "Then run the GGUF in llama.cpp (pip install 'zhtune[llamacpp]') and check it answers a Chinese prompt "
+        "token for token as zhtune does.",
+    )
 
     def __post_init__(self) -> None:
         if not self.output_dir:
@@ -113,6 +118,11 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
 
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if e.verify:
+        from zhtune.export.verify import verify
+
+        vargs = ModelArgs(**{**m.__dict__, "device": "cpu", "dtype": "float32"})
+        info["llama_cpp"] = verify(vargs, list(e.lora_models or []), info["path"])
     return info
 
 
@@ -124,6 +134,15 @@ def print_summary(info: dict[str, Any]) -> None:
         ("tensors", ", ".join(f"{k} {v}" for k, v in sorted(info["tensors"].items()))),
         ("vocabulary", str(info["vocab"])),
     ]
+    v = info.get("llama_cpp")
+    if v is not None:
+        verdict = "same" if v["match"] and v["prompt_tokens_match"] else "DIFFERENT"
+        rows.append(
+            (
+                "llama.cpp",
+                f"{verdict} greedy reply ({v['same_prefix_tokens']} tokens agree): {v['llama_cpp_text']!r}",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -131,8 +150,10 @@ def print_summary(info: dict[str, Any]) -> None:
 
 def cli(argv: list[str] | None = None) -> int:
     cfg = parse_cli(argv, SECTIONS, prog="zhtune export", description=DESCRIPTION)
-    print_summary(main(cfg))
-    return 0
+    info = main(cfg)
+    print_summary(info)
+    v = info.get("llama_cpp")
+    return 0 if v is None or (v["match"] and v["prompt_tokens_match"]) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

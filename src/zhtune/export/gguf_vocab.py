@@ -83,7 +83,7 @@ def _pre_name(tj: dict[str, Any]) -> str:
     types = [p.get("type") for p in parts]
     byte_level = next(p for p in parts if p.get("type") == "ByteLevel")
     if types == ["ByteLevel"] and byte_level.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if (
         types == ["Digits", "ByteLevel"]
         and parts[0].get("individual_digits")
