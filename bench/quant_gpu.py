@@ -42,8 +42,9 @@ def gb(x: int) -> float:
 
 def free() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def write_random_7b(d: Path) -> None:
@@ -150,7 +151,7 @@ def score(model, tok, fmt, convs: list[list[dict]], max_len: int) -> dict:
     }
 
 
-def quality_part(tmp: Path, data: Path, train_n: int, eval_n: int, steps: int) -> dict:
+def quality_part(tmp: Path, data: Path, train_n: int, eval_n: int, steps: int, device: str = "cuda") -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from zhtune.config.args import ModelArgs
@@ -210,23 +211,22 @@ def quality_part(tmp: Path, data: Path, train_n: int, eval_n: int, steps: int) -
     tok = AutoTokenizer.from_pretrained(str(merged))
     fmt = get_format(tok, None, directory=merged)
     convs = held_out(data, eval_n)
-    variants = {
-        "bf16": lambda: load_model(
-            ModelArgs(model_name_or_path=str(merged), dtype="bfloat16", device="cuda")
-        ),
-        "int8": lambda: load_model(
-            ModelArgs(model_name_or_path=str(merged), dtype="bfloat16", device="cuda", load_in_8bit=True)
-        ),
-        "int4_nf4": lambda: load_model(
-            ModelArgs(model_name_or_path=str(merged), dtype="bfloat16", device="cuda", load_in_4bit=True)
-        ),
-        "gguf_q8_0": lambda: AutoModelForCausalLM.from_pretrained(
-            str(tmp / "gguf"), gguf_file="m-q8_0.gguf", dtype=torch.bfloat16
-        ).cuda(),
-        "gguf_q4_0": lambda: AutoModelForCausalLM.from_pretrained(
-            str(tmp / "gguf"), gguf_file="m-q4_0.gguf", dtype=torch.bfloat16
-        ).cuda(),
-    }
+
+    def hf(**kw):
+        return lambda: load_model(
+            ModelArgs(model_name_or_path=str(merged), dtype="bfloat16", device=device, **kw)
+        )
+
+    def gguf(q):
+        name = f"m-{q}.gguf"
+        return lambda: AutoModelForCausalLM.from_pretrained(
+            str(tmp / "gguf"), gguf_file=name, dtype=torch.bfloat16
+        ).to(device)
+
+    variants = {"bf16": hf()}
+    if device.startswith("cuda"):  # bitsandbytes quantization runs on CUDA only
+        variants.update(int8=hf(load_in_8bit=True), int4_nf4=hf(load_in_4bit=True))
+    variants.update(gguf_q8_0=gguf("q8_0"), gguf_q4_0=gguf("q4_0"))
     res = {}
     for name, make in variants.items():
         free()
@@ -249,7 +249,16 @@ def main() -> int:
     ap.add_argument("--eval_records", type=int, default=200)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--skip_memory", action="store_true")
+    ap.add_argument(
+        "--cpu_smoke",
+        action="store_true",
+        help="tiny quality run on the CPU, no bitsandbytes (checks the script)",
+    )
     a = ap.parse_args()
+    if a.cpu_smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(quality_part(Path(tmp), Path(a.data), 16, 4, 2, device="cpu"), indent=2))
+        return 0
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     if not Path(a.data).is_file():
@@ -262,7 +271,9 @@ def main() -> int:
         if not a.skip_memory:
             report["memory_7b"] = memory_part(Path(tmp))
             free()
-        report["quality"] = quality_part(Path(tmp), Path(a.data), a.train_records, a.eval_records, a.steps)
+        report["quality"] = quality_part(
+            Path(tmp), Path(a.data), a.train_records, a.eval_records, a.steps, "cuda"
+        )
     report["seconds"] = round(time.time() - t0, 1)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -278,7 +278,10 @@ print(peak[0] - base)
 
 
 def test_merge_memory_stays_near_one_shard(tmp_path, sp_tokenizer_dir):
-    """A 100 MB fp32 model merges with well under one model's worth of extra anonymous memory."""
+    """A 112 MB fp32 model merges with well under one model's worth of extra anonymous memory (8 MB shards).
+
+    About 10-15 MB of the extra is fixed (tokenizer, adapter, allocator), so the model must be large next to it.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -291,7 +294,7 @@ def test_merge_memory_stays_near_one_shard(tmp_path, sp_tokenizer_dir):
 
     AutoTokenizer.from_pretrained(str(sp_tokenizer_dir)).save_pretrained(base)
     model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-    assert model_bytes > 90e6
+    assert model_bytes > 100e6
     ad = make_adapter(base, tmp_path / "a", seed=11, targets=ALL, r=8)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     res = subprocess.run(
@@ -305,3 +308,17 @@ def test_merge_memory_stays_near_one_shard(tmp_path, sp_tokenizer_dir):
     extra = int(res.stdout.strip().splitlines()[-1])
     print(f"merge of a {model_bytes / 1e6:.0f} MB model: peak extra anonymous memory {extra / 1e6:.1f} MB")
     assert extra < 0.4 * model_bytes
+
+
+@pytest.mark.parametrize("how", ["modules_to_save", "lora"])
+def test_tied_embeddings_follow_peft(tmp_path, tiny_llama_bpe, how):
+    """A tied model (lm_head shares embed_tokens) with an adapter on embed_tokens merges as peft does."""
+    kw = {"modules_to_save": ["embed_tokens"]} if how == "modules_to_save" else {}
+    targets = ["q_proj"] + (["embed_tokens"] if how == "lora" else [])
+    ad = make_adapter(tiny_llama_bpe, tmp_path / "a", seed=12, targets=targets, **kw)
+    assert run_merge(tiny_llama_bpe, [ad], tmp_path / "out") == 0
+    model, tok = load_plain(tmp_path / "out")
+    ids = tok(ZH[6])["input_ids"]
+    torch.testing.assert_close(
+        logits(model, ids), logits(reference_model(tiny_llama_bpe, [ad]), ids), atol=1e-5, rtol=1e-5
+    )

@@ -116,8 +116,9 @@ def plan_merge(
         layouts.append(lay)
         where = f"{base.dir} with {', '.join(str(x.path) for x in layouts)} applied"
 
-    head_touched = any(HEAD in lay.replace or HEAD in lay.pairs for lay in layouts)
-    tied = base.tied and not head_touched
+    # peft unties a tied head when either side gets a modules_to_save copy (LoRA updates the shared weight)
+    untied = any(HEAD in lay.replace or HEAD in lay.pairs or EMBED in lay.copies for lay in layouts)
+    tied = base.tied and not untied
     if tied:
         shapes.pop(HEAD, None)
     tensors = MergedTensors(base, layouts, shapes, tied)

@@ -142,22 +142,44 @@ class MergedTensors:
             self._tensors[i] = load_adapter_tensors(self.adapters[i].path, allow_pickle=True)
         return self._tensors[i]  # type: ignore[return-value]
 
+    def _apply(self, i: int, name: str, w: torch.Tensor) -> torch.Tensor:
+        """Adapter ``i``'s change to parameter ``name``: a full replacement, then a LoRA update."""
+        lay = self.adapters[i]
+        if name in lay.replace:
+            w = self._adapter(i)[lay.replace[name]].to(torch.float32, copy=True)
+        pair = lay.pairs.get(name)
+        if pair is not None:
+            t = self._adapter(i)
+            delta = (t[pair.b_key].float() @ t[pair.a_key].float()) * lay.scale(pair)
+            if pair.embedding or lay.fan_in_fan_out:
+                delta = delta.T
+            w += delta
+        return w
+
     def get(self, name: str) -> torch.Tensor:
-        src = EMBED if name == HEAD and HEAD not in self.base.shapes else name
-        w = self.base.get(src).to(torch.float32, copy=True)
-        for i, lay in enumerate(self.adapters):
-            if name in lay.replace:
-                w = self._adapter(i)[lay.replace[name]].to(torch.float32, copy=True)
-            pair = lay.pairs.get(name)
-            if pair is not None:
-                t = self._adapter(i)
-                a, b = t[pair.a_key].float(), t[pair.b_key].float()
-                delta = (b @ a) * lay.scale(pair)
-                if pair.embedding or lay.fan_in_fan_out:
-                    delta = delta.T
-                w += delta
+        if name == HEAD and HEAD not in self.base.shapes:
+            w = self._tied_head()
+        else:
+            w = self.base.get(name).to(torch.float32, copy=True)
+            for i in range(len(self.adapters)):
+                w = self._apply(i, name, w)
         if tuple(w.shape) != self.shapes[name]:  # checked before any writing; this guards the math
             raise RuntimeError(f"{name}: merged shape {tuple(w.shape)}, planned {self.shapes[name]}")
+        return w
+
+    def _tied_head(self) -> torch.Tensor:
+        """lm_head of a tied base, as peft leaves it: it shares embed_tokens (and its LoRA updates) until an
+        adapter gives either one a modules_to_save copy of its own."""
+        w = self.base.get(EMBED).to(torch.float32, copy=True)
+        shared = True
+        for i, lay in enumerate(self.adapters):
+            if shared and EMBED in lay.copies:
+                shared = False  # embed_tokens got its own copy; the head keeps the shared weight
+            if shared and (EMBED in lay.replace or EMBED in lay.pairs):
+                w = self._apply(i, EMBED, w)
+            if HEAD in lay.replace or HEAD in lay.pairs:
+                shared = False
+                w = self._apply(i, HEAD, w)
         return w
 
 

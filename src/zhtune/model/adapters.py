@@ -103,6 +103,7 @@ class AdapterLayout:
     shapes: Shapes
     pairs: dict[str, LoraPair] = field(default_factory=dict)  # param name -> pair
     replace: dict[str, str] = field(default_factory=dict)  # param name -> adapter key (full tensor)
+    copies: set[str] = field(default_factory=set)  # replaced as modules_to_save copies (not resized bases)
     unsupported: list[str] = field(default_factory=list)
 
     def rank(self, pair: LoraPair) -> int:
@@ -141,9 +142,12 @@ def read_layout(path: str | Path, *, allow_pickle: bool = False) -> AdapterLayou
         elif k.endswith(".base_layer.weight"):
             lay.replace[k.replace(".base_layer.weight", ".weight")] = key
         elif k.endswith(".modules_to_save.weight"):
-            lay.replace.setdefault(k.replace(".modules_to_save.weight", ".weight"), key)
+            name = k.replace(".modules_to_save.weight", ".weight")
+            lay.replace.setdefault(name, key)
+            lay.copies.add(name)
         elif k.endswith(".weight") and ".lora_" not in k and "token_adapter" not in k:
             lay.replace[k] = key  # modules_to_save, saved under the module's own name
+            lay.copies.add(k)
         else:
             lay.unsupported.append(key)
     for mod, h in halves.items():
