@@ -65,7 +65,7 @@ def test_transformers_reads_the_sft_export(sft_default):
     )
     with torch.no_grad():
         ref = hf(ids).logits
-    for quant, bound in (("f16", 5e-3), ("q8_0", 5e-2)):
+    for quant, bound in (("f16", 5e-3),):  # q8_0/q4_0 on this model: bench/results/gguf_quality_cpu.json
         path = sft_default[quant]
         gg = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
