@@ -28,7 +28,7 @@ PROMPTS = ["请用一句话介绍北京。", "什么是机器学习？", "写一
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--new_tokens", type=int, default=32)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "llama_cpp_greedy.json"))
     a = ap.parse_args()
@@ -66,7 +66,7 @@ def main() -> int:
                 "max_steps": a.steps,
                 "per_device_train_batch_size": 4,
                 "learning_rate": 5e-4,
-                "max_seq_length": 256,
+                "max_seq_length": 128,
                 "logging_steps": 1,
                 "save_steps": 1000,
                 "report_to": ["none"],

@@ -50,7 +50,7 @@ def free() -> None:
 def write_random_7b(d: Path) -> None:
     """Random bf16 weights of LLaMA-7B's shape, generated on the GPU, written shard by shard."""
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
         vocab_size=32000,
@@ -80,8 +80,6 @@ def write_random_7b(d: Path) -> None:
             shard, size = {}, 0
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
     cfg.save_pretrained(d)
-    del t
-    AutoTokenizer  # noqa: B018 - the memory part needs no tokenizer
 
 
 def memory_part(tmp: Path) -> dict:
