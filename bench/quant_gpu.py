@@ -149,7 +149,16 @@ def score(model, tok, fmt, convs: list[list[dict]], max_len: int) -> dict:
     }
 
 
-def quality_part(tmp: Path, data: Path, train_n: int, eval_n: int, steps: int, device: str = "cuda") -> dict:
+def quality_part(
+    tmp: Path,
+    data: Path,
+    train_n: int,
+    eval_n: int,
+    steps: int,
+    device: str = "cuda",
+    batch: int = 16,
+    seq: int = 512,
+) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from zhtune.config.args import ModelArgs
@@ -169,10 +178,10 @@ def quality_part(tmp: Path, data: Path, train_n: int, eval_n: int, steps: int, d
             "train_files": [str(train)],
             "output_dir": str(tmp / "adapter"),
             "max_steps": steps,
-            "per_device_train_batch_size": 16,
+            "per_device_train_batch_size": batch,
             "learning_rate": 2e-4,
             "lora_rank": 16,
-            "max_seq_length": 512,
+            "max_seq_length": seq,
             "logging_steps": 10,
             "save_steps": 10_000,
             "report_to": ["none"],
@@ -229,7 +238,7 @@ def quality_part(tmp: Path, data: Path, train_n: int, eval_n: int, steps: int, d
     for name, make in variants.items():
         free()
         model = make().eval()
-        res[name] = score(model, tok, fmt, convs, 512)
+        res[name] = score(model, tok, fmt, convs, seq)
         print(name, res[name], flush=True)
         del model
     base = res["bf16"]["response_token_accuracy"]
@@ -255,7 +264,11 @@ def main() -> int:
     a = ap.parse_args()
     if a.cpu_smoke:
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(quality_part(Path(tmp), Path(a.data), 16, 4, 2, device="cpu"), indent=2))
+            print(
+                json.dumps(
+                    quality_part(Path(tmp), Path(a.data), 8, 3, 1, device="cpu", batch=2, seq=128), indent=2
+                )
+            )
         return 0
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
