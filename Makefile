@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 EXTRAS ?= demo,test,serve,data
 
-.PHONY: setup demo test test-fast lint format clean browser-deps
+.PHONY: setup demo test test-fast lint format clean browser-deps llamacpp
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,16 @@ test: setup lint
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not gpu and not slow" -x $(PYTEST_ARGS)
+
+# llama.cpp for the GGUF checks (tests skip without it): compiled once from the llama-cpp-python sdist
+# (about 20 minutes on 2 busy cores), the wheel kept in $(WHEELS) so later installs take seconds
+WHEELS ?= $(HOME)/.cache/zhtune/wheels
+LLAMACPP ?= llama-cpp-python==0.3.36
+llamacpp: setup
+	ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+	  CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=OFF" \
+	  $(PIP) wheel -q --no-deps --no-binary llama-cpp-python -w $(WHEELS) "$(LLAMACPP)"
+	$(PIP) install -q diskcache $(WHEELS)/llama_cpp_python-*.whl
 
 format: setup
 	$(BIN)/ruff format src tests bench

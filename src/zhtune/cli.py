@@ -32,6 +32,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "data",
         "data tools: convert, merge, clean, filter, dedup, split, stats, generate",
     ),
+    "merge": (
+        "zhtune.merge.merge",
+        "",
+        "merge LoRA adapters (in order) into the base; write HF safetensors or GGUF",
+    ),
+    "export": (
+        "zhtune.export.export",
+        "",
+        "export a model as GGUF (f16, q8_0, q4_0) for llama.cpp and Ollama",
+    ),
     "demo": ("zhtune.demo", "demo", "Chinese sentiment demo on the embedded default model (CPU, ~10 min)"),
 }
 

@@ -19,6 +19,7 @@ OPTIONAL = {
     "langid": ("data", "langid"),
     "openai": ("data", "openai"),
     "snownlp": ("demo", "snownlp"),
+    "llama_cpp": ("llamacpp", "llama-cpp-python"),
     "deepspeed": ("", "deepspeed"),
     "vllm": ("", "vllm"),
 }
