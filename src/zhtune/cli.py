@@ -42,6 +42,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "",
         "export a model as GGUF (f16, q8_0, q4_0) for llama.cpp and Ollama",
     ),
+    "eval": (
+        "zhtune.eval.cli",
+        "",
+        "C-Eval/CMMLU/MMLU accuracy, bits per character and task accuracy; --compare models side by side",
+    ),
     "demo": ("zhtune.demo", "demo", "Chinese sentiment demo on the embedded default model (CPU, ~10 min)"),
 }
 

@@ -1,0 +1,187 @@
+"""Perplexity and bits per character of a causal LM on text files.
+
+Every document (a line of a .txt file, or the text field of a .jsonl record) is scored whole: its tokens
+follow one start token (the tokenizer's BOS where it adds one, else its bos or eos token), so each token of
+the text is predicted, the first one included. A document longer than the window is scored in windows
+that overlap by ``window - stride`` tokens of context, each token counted once.
+
+* perplexity = exp(total loss / predicted tokens): depends on the tokenizer.
+* bits per character = total loss in bits / characters of text: the cost of the text itself however it is
+  cut into tokens, so it compares a model with its vocabulary-extended self.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zhtune.data.readers import DataError
+
+
+@dataclass
+class TextOptions:
+    files: list[str]
+    text_field: str = "text"
+    max_documents: int | None = None
+    max_seq_length: int = 1024
+    stride: int | None = None
+    batch_size: int = 8
+
+
+def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+    """Documents of a .txt (one a line) or .jsonl (``text_field`` of each record) file."""
+    if not path.is_file():
+        raise DataError(path, None, "text file does not exist")
+    jsonl = path.suffix == ".jsonl"
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                if not jsonl:
+                    yield line.rstrip("\n")
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(path, line_no, f"malformed JSON ({e.msg} at column {e.colno})") from None
+                text = rec.get(text_field) if isinstance(rec, dict) else None
+                if not isinstance(text, str):
+                    raise DataError(path, line_no, f"no string field {text_field!r} (set --text_field)")
+                if text.strip():
+                    yield text
+        except UnicodeDecodeError:
+            raise DataError(path, None, "not valid UTF-8 (convert the file to UTF-8)") from None
+
+
+def start_token(tok: Any) -> int | None:
+    """The id that starts a document when the tokenizer adds none itself."""
+    for t in (tok.bos_token_id, tok.eos_token_id):
+        if t is not None:
+            return t
+    return None
+
+
+def document_ids(tok: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each document, always beginning with a start token that is not scored."""
+    enc = tok(list(texts), add_special_tokens=True)["input_ids"]
+    special = set(tok.all_special_ids)
+    first = start_token(tok)
+    out = []
+    for ids in enc:
+        ids = list(ids)
+        if (not ids or ids[0] not in special) and first is not None:
+            ids = [first] + ids
+        out.append(ids)
+    return out
+
+
+def windows(ids: list[int], size: int, stride: int) -> list[tuple[list[int], int]]:
+    """(window ids, index of its first scored token): every token after the first scored exactly once."""
+    if len(ids) <= size:
+        return [(ids, 1)]
+    out, done = [], 1  # tokens [0, done) are already scored (the start token needs none)
+    begin = 0
+    while done < len(ids):
+        end = min(begin + size, len(ids))
+        out.append((ids[begin:end], done - begin))
+        done = end
+        begin = end - (size - stride) if end < len(ids) else end
+    return out
+
+
+@torch.inference_mode()
+def window_nll(
+    model: Any, items: Sequence[tuple[list[int], int]], batch_size: int = 8, desc: str = "scoring text"
+) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) of the scored tokens of every window, and their number."""
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() else 32000
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    was_training = model.training
+    model.eval()
+    total, count, pos = 0.0, 0, 0
+    bar = tqdm(total=len(order), desc=desc, leave=False, unit="window")
+    while pos < len(order):
+        width = len(items[order[pos]][0])
+        # keep the float logits of one batch under ~256 MB
+        rows = max(1, min(batch_size, (64 * 2**20) // max(1, width * vocab)))
+        idx = order[pos : pos + rows]
+        x = torch.zeros((len(idx), width), dtype=torch.long)
+        mask = torch.zeros_like(x)
+        target = torch.full_like(x, -100)
+        for r, i in enumerate(idx):
+            ids, first = items[i]
+            x[r, : len(ids)] = torch.tensor(ids)
+            mask[r, : len(ids)] = 1
+            target[r, first : len(ids)] = torch.tensor(ids[first:])
+        logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+        tgt = target[:, 1:].to(device)
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum"
+        ).item()
+        count += int((tgt != -100).sum())
+        pos += len(idx)
+        bar.update(len(idx))
+    bar.close()
+    if was_training:
+        model.train()
+    return total, count
+
+
+def bits_per_char(total_nll_nats: float, chars: int) -> float:
+    return total_nll_nats / math.log(2) / chars if chars else float("nan")
+
+
+def metrics(nll: float, tokens: int, chars: int, documents: int) -> dict[str, Any]:
+    loss = nll / max(tokens, 1)
+    return {
+        "bpc": bits_per_char(nll, chars),
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "loss": loss,
+        "tokens": tokens,
+        "chars": chars,
+        "tokens_per_char": tokens / chars if chars else float("nan"),
+        "documents": documents,
+    }
+
+
+def evaluate(model: Any, tok: Any, opts: TextOptions) -> dict[str, Any]:
+    """Bits per character and perplexity per file and over all files."""
+    size = opts.max_seq_length
+    stride = opts.stride or size // 2
+    if not 0 < stride < size:
+        raise ValueError(f"stride {stride} must be in (0, {size}): each window needs one token of context")
+    per_file: dict[str, dict[str, Any]] = {}
+    all_nll, all_tokens, all_chars, all_docs = 0.0, 0, 0, 0
+    for name in opts.files:
+        path = Path(name)
+        texts = []
+        for text in iter_documents(path, opts.text_field):
+            texts.append(text)
+            if opts.max_documents and len(texts) >= opts.max_documents:
+                break
+        if not texts:
+            raise DataError(path, None, "no documents")
+        items = [w for ids in document_ids(tok, texts) for w in windows(ids, size, stride)]
+        nll, tokens = window_nll(model, items, opts.batch_size, desc=f"scoring {path.name}")
+        chars = sum(len(t) for t in texts)
+        per_file[str(path)] = metrics(nll, tokens, chars, len(texts))
+        all_nll, all_tokens, all_chars, all_docs = (
+            all_nll + nll,
+            all_tokens + tokens,
+            all_chars + chars,
+            all_docs + len(texts),
+        )
+    out = metrics(all_nll, all_tokens, all_chars, all_docs)
+    if len(per_file) > 1:
+        out["files"] = per_file
+    return out

@@ -1,0 +1,124 @@
+"""Evaluation results as a table (terminal and Markdown) and as files: JSON, Markdown, submission files."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+# (metric key, label, format, higher is better)
+TEXT_METRICS = (
+    ("bpc", "bits/char", "{:.4f}", False),
+    ("perplexity", "perplexity", "{:.2f}", False),
+    ("tokens_per_char", "tokens/char", "{:.3f}", False),
+)
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def _num(fmt: str, v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+def metric_rows(
+    summary: dict[str, Any], show_subjects: bool = False
+) -> Iterator[tuple[str, str, str, list[Any]]]:
+    """(task, metric, value format, raw value per model) for every headline metric."""
+    models = list(summary["results"])
+    for task, spec in summary["tasks"].items():
+        res = [summary["results"][m].get(task) or {} for m in models]
+        kind = spec["kind"]
+        if kind == "text":
+            for key, label, fmt, _ in TEXT_METRICS:
+                yield task, label, fmt, [r.get(key) for r in res]
+        elif kind == "task":
+            yield task, f"accuracy ({spec['metric']})", "pct", [r.get("accuracy") for r in res]
+            labels = list((res[0].get("per_label") or {}).keys()) if res else []
+            for lab in labels:
+                yield task, f"  {lab}", "pct", [(r.get("per_label") or {}).get(lab) for r in res]
+        else:
+            yield task, "average", "pct", [r.get("average") for r in res]
+            cats = list(dict.fromkeys(c for r in res for c in (r.get("categories") or {})))
+            for c in cats:
+                yield task, f"  {c}", "pct", [(r.get("categories") or {}).get(c) for r in res]
+            if show_subjects:
+                subs = list(dict.fromkeys(s for r in res for s in (r.get("subjects") or {})))
+                for s in subs:
+                    yield (
+                        task,
+                        f"    {s}",
+                        "pct",
+                        [((r.get("subjects") or {}).get(s) or {}).get("accuracy") for r in res],
+                    )
+            unanswered = [r.get("unanswered") or 0 for r in res]
+            if any(unanswered):
+                yield task, "  predicted for submission", "{:d}", unanswered
+
+
+def _cells(fmt: str, values: list[Any]) -> list[str]:
+    return [_pct(v) if fmt == "pct" else _num(fmt, v) for v in values]
+
+
+def results_table(summary: dict[str, Any], show_subjects: bool = False) -> str:
+    models = list(summary["results"])
+    rows = [["task", "metric", *models]]
+    last = None
+    for task, metric, fmt, values in metric_rows(summary, show_subjects):
+        rows.append([task if task != last else "", metric, *_cells(fmt, values)])
+        last = task
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths), *[line(r) for r in rows[1:]]])
+
+
+def markdown_table(summary: dict[str, Any], show_subjects: bool = False) -> str:
+    models = list(summary["results"])
+    out = ["| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---:|" * len(models)]
+    for task, metric, fmt, values in metric_rows(summary, show_subjects):
+        out.append(f"| {task} | {metric.strip()} | " + " | ".join(_cells(fmt, values)) + " |")
+    return "\n".join(out)
+
+
+def _clean(obj: Any) -> Any:
+    """JSON without NaN/inf (written as null), so every JSON reader accepts it."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_outputs(summary: dict[str, Any], out_dir: Path, cfg: Any = None) -> list[Path]:
+    """eval_results.json, eval_results.md and one C-Eval-style submission file per model and task."""
+    from zhtune.atomic import atomic_write_text
+    from zhtune.config.parse import versions
+
+    written = []
+    for model, per_task in summary["results"].items():
+        for task, res in per_task.items():
+            preds = res.pop("predictions", None) if isinstance(res, dict) else None
+            if preds:
+                name = (
+                    f"submission_{task}.json"
+                    if len(summary["results"]) == 1
+                    else f"submission_{task}_{model}.json"
+                )
+                path = out_dir / name
+                atomic_write_text(path, json.dumps(preds, ensure_ascii=False, indent=1))
+                res["submission"] = str(path)
+                written.append(path)
+    data = dict(summary)
+    if cfg is not None:
+        data["config"] = cfg.to_dict()
+    data["versions"] = versions()
+    js = out_dir / "eval_results.json"
+    atomic_write_text(js, json.dumps(_clean(data), ensure_ascii=False, indent=2))
+    md = out_dir / "eval_results.md"
+    atomic_write_text(md, markdown_table(summary, show_subjects=True) + "\n")
+    return [js, md, *written]

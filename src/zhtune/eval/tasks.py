@@ -1,0 +1,135 @@
+"""Task accuracy on an instruction set with reference outputs (Alpaca, ShareGPT or messages records).
+
+The conversation up to the last assistant turn is the prompt; that turn is the reference. Metrics:
+
+* ``labels``: classification (sentiment, topic ...) by label likelihood (:mod:`zhtune.eval.labels`): each
+  of a fixed set of answers is scored as the reply and the likeliest one is the prediction. The label set
+  is ``labels`` or every distinct reference. Fair to a base model that does not follow an output format.
+* ``exact``: the greedy reply equals the reference (whitespace and final punctuation aside).
+* ``contains``: the greedy reply contains the reference.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from zhtune.data.readers import DataError, iter_json_records, to_messages
+from zhtune.data.templates import Message
+
+METRICS = ("labels", "exact", "contains")
+MAX_LABELS = 50
+_TRAILING = "。．.!！?？;；,，、 "
+
+
+@dataclass
+class TaskOptions:
+    file: str
+    metric: Literal["labels", "exact", "contains"] = "labels"
+    labels: list[str] | None = None
+    max_samples: int | None = None
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    system_prompt: str | None = None
+
+
+def read_items(path: str | Path, max_samples: int | None = None) -> list[tuple[int, list[Message], str]]:
+    """(line, prompt messages, reference) of each record."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, "task file does not exist")
+    out = []
+    for line, rec in iter_json_records(path):
+        try:
+            _, msgs = to_messages(rec)
+        except ValueError as e:
+            raise DataError(path, line, str(e)) from None
+        out.append((line, msgs[:-1], msgs[-1]["content"]))
+        if max_samples and len(out) >= max_samples:
+            break
+    if not out:
+        raise DataError(path, None, "no records")
+    return out
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().rstrip(_TRAILING).strip()
+
+
+def match(metric: str, reply: str, reference: str) -> bool:
+    r, ref = normalize(reply), normalize(reference)
+    if metric == "exact":
+        return r == ref
+    if metric == "contains":
+        return ref in r
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def _with_system(msgs: list[Message], system: str | None) -> list[Message]:
+    if system and (not msgs or msgs[0]["role"] != "system"):
+        return [{"role": "system", "content": system}, *msgs]
+    return msgs
+
+
+def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions) -> dict[str, Any]:
+    items = read_items(opts.file, opts.max_samples)
+    prompts = [_with_system(m, opts.system_prompt) for _, m, _ in items]
+    refs = [r for _, _, r in items]
+    if opts.metric == "labels":
+        return _labels(model, tok, fmt, opts, items, prompts, refs)
+    return _generated(model, tok, fmt, opts, prompts, refs)
+
+
+def _labels(model, tok, fmt, opts, items, prompts, refs) -> dict[str, Any]:  # noqa: ANN001
+    from zhtune.eval.labels import label_scores
+
+    labels = list(opts.labels or sorted(set(refs)))
+    if len(labels) > MAX_LABELS:
+        raise DataError(
+            opts.file,
+            None,
+            f"{len(labels)} distinct reference outputs: too many for a label set; use --task_metric exact or "
+            "contains, or give --labels",
+        )
+    for (line, _, _), ref in zip(items, refs):
+        if ref not in labels:
+            raise DataError(opts.file, line, f"reference {ref!r} is not one of the labels {labels}")
+    scores = label_scores(model, tok, fmt, prompts, labels, batch_size=opts.batch_size)
+    pred = [labels[i] for i in scores.argmax(-1).tolist()]
+    correct = [p == r for p, r in zip(pred, refs)]
+    per_label = {}
+    for lab in labels:
+        idx = [i for i, r in enumerate(refs) if r == lab]
+        per_label[lab] = sum(correct[i] for i in idx) / len(idx) if idx else None
+    return {
+        "metric": "labels",
+        "accuracy": sum(correct) / len(correct),
+        "n": len(correct),
+        "per_label": per_label,
+        "predicted": {lab: pred.count(lab) for lab in labels},
+    }
+
+
+def _generated(model, tok, fmt, opts, prompts, refs) -> dict[str, Any]:  # noqa: ANN001
+    from tqdm import tqdm
+
+    from zhtune.config.args import GenerationArgs
+    from zhtune.infer.engine import Engine
+
+    engine = Engine(model, tok, fmt)
+    g = GenerationArgs(max_new_tokens=opts.max_new_tokens, temperature=0.0, repetition_penalty=1.0)
+    replies = [engine.chat(p, g).text for p in tqdm(prompts, desc="generating", leave=False, unit="reply")]
+    correct = [match(opts.metric, r, ref) for r, ref in zip(replies, refs)]
+    wrong = [
+        {"prompt": p[-1]["content"], "reference": ref, "reply": r}
+        for p, ref, r, ok in zip(prompts, refs, replies, correct)
+        if not ok
+    ]
+    return {
+        "metric": opts.metric,
+        "accuracy": sum(correct) / len(correct),
+        "n": len(correct),
+        "examples_wrong": wrong[:5],
+    }
