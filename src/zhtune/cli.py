@@ -47,6 +47,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "",
         "C-Eval/CMMLU/MMLU accuracy, bits per character and task accuracy; --compare models side by side",
     ),
+    "pipeline": (
+        "zhtune.pipeline.run",
+        "",
+        "run a recipe's stages (vocab, pt, sft, merge, export, eval) in one run directory, resumably",
+    ),
+    "recipes": ("zhtune.recipes", "", "list the shipped recipes, or copy one to start from"),
     "demo": ("zhtune.demo", "demo", "Chinese sentiment demo on the embedded default model (CPU, ~10 min)"),
 }
 

