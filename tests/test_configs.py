@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
+import yaml
 from conftest import REPO
 
 from zhtune.cli import COMMANDS
@@ -57,3 +58,97 @@ def test_chinese_llama_stage2_recipe_is_the_seed():
     assert cfg.lora.trainable == "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj".split(",")
     assert cfg.lora.modules_to_save == ["embed_tokens", "lm_head"] and cfg.data.block_size == 512
     assert cfg.stage.stage == "lora"
+
+
+PIPELINES = [p for p in RECIPES if p.stem.split("_")[0] == "pipeline"]
+VARIANTS = [
+    (p, v) for p in PIPELINES for v in yaml.safe_load(p.read_text(encoding="utf-8")).get("variants") or {}
+]
+
+
+@pytest.mark.parametrize("path,variant", VARIANTS, ids=[f"{p.relative_to(REPO)}:{v}" for p, v in VARIANTS])
+def test_pipeline_variant_loads(path, variant):
+    """Each variant of a pipeline recipe is checked stage by stage against the stages' commands."""
+    from zhtune.pipeline.recipe import SECTIONS
+
+    cfg = build(SECTIONS, recipe=path, overrides={"variant": variant})
+    assert cfg.pipeline.variant == variant and cfg.pipeline.specs
+
+
+def test_demo_pipeline_runs_the_whole_path():
+    from zhtune.pipeline.recipe import SECTIONS
+
+    a = build(
+        SECTIONS, recipe=REPO / "configs" / "demo-zh" / "pipeline.yaml", overrides={"quick": True}
+    ).pipeline
+    assert [(s.name, s.command) for s in a.specs] == [
+        ("data", "demo_data"),
+        ("vocab", "vocab_train"),
+        ("tokenizer", "vocab_merge"),
+        ("pt1", "pt"),
+        ("pt2", "pt"),
+        ("sft", "sft"),
+        ("merged", "merge"),
+        ("gguf", "export"),
+        ("eval", "eval"),
+    ]
+    opts = {s.name: s.options for s in a.specs}
+    assert opts["pt1"]["stage"] == "embeddings" and opts["pt2"]["stage"] == "lora"
+    assert opts["gguf"]["quant"] == "q8_0" and a.run_dir == "runs/demo-zh-quick"
+    assert {t["name"] for t in opts["eval"]["tasks"]} == {"news", "sentiment", "ner"}
+
+
+def _sft(rel):
+    from zhtune.train import sft
+    from zhtune.train.trainer import training_arguments_fields
+
+    return build(
+        sft.SECTIONS, recipe=REPO / "configs" / rel, passthrough={"train": training_arguments_fields()}
+    )
+
+
+def test_seed_sft_recipes():
+    seven = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj".split(",")
+    c = _sft("chinese-llama/sft.yaml")  # Chinese-LLaMA-Alpaca scripts/training/run_sft.sh
+    assert (c.train.learning_rate, c.lora.lora_rank, c.lora.lora_alpha, c.lora.lora_dropout) == (
+        1e-4,
+        8,
+        32,
+        0.05,
+    )
+    assert c.lora.trainable == seven and c.lora.modules_to_save == ["embed_tokens", "lm_head"]
+    assert (c.data.max_seq_length, c.data.template, c.train.gradient_accumulation_steps) == (512, "alpaca", 8)
+
+    v = _sft("chinese-vicuna/sft.yaml")  # Chinese-Vicuna finetune.py
+    assert v.model.load_in_8bit and v.data.max_seq_length == 256 and v.lora.trainable == ["q_proj", "v_proj"]
+    assert (v.lora.lora_rank, v.lora.lora_alpha, v.train.learning_rate) == (8, 16, 3e-4)
+    assert v.train.per_device_train_batch_size * v.train.gradient_accumulation_steps == 128
+
+    f = _sft("vicuna/sft_sharegpt_16gb.yaml")  # FastChat train_lora.py, QLoRA on a 16 GB card
+    assert f.model.load_in_4bit and f.train.gradient_checkpointing and f.data.template == "vicuna"
+    assert (f.lora.lora_rank, f.lora.lora_alpha) == (8, 16) and 512 <= f.data.max_seq_length <= 1024
+
+    b = _sft("baichuan/sft_multiturn_qlora.yaml")
+    assert b.model.load_in_4bit and b.model.trust_remote_code and b.data.template == "baichuan"
+    assert "W_pack" in b.lora.trainable
+
+
+def test_chinese_llama_pipeline_keeps_the_seed_settings():
+    from zhtune.pipeline.recipe import SECTIONS
+
+    a = build(SECTIONS, recipe=REPO / "configs" / "chinese-llama" / "pipeline.yaml").pipeline
+    o = {s.name: s.options for s in a.specs}
+    assert (
+        o["pt"]["learning_rate"],
+        o["pt"]["block_size"],
+        o["sft"]["learning_rate"],
+        o["sft"]["max_seq_length"],
+    ) == (
+        2e-4,
+        512,
+        1e-4,
+        512,
+    )
+    for st in ("pt", "sft"):
+        assert (o[st]["lora_rank"], o[st]["lora_alpha"], o[st]["lora_dropout"]) == (8, 32, 0.05)
+        assert o[st]["modules_to_save"] == "embed_tokens,lm_head"

