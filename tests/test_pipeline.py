@@ -281,3 +281,80 @@ def test_data_sft_eval_chain(tmp_path, tiny_llama_bpe):
     assert "| s | accuracy |" in (tmp_path / "run" / "report" / "report.md").read_text(encoding="utf-8")
     again = main({"pipeline": cfg})
     assert again["stages"]["sft"]["started"] == sft["started"]  # not run again
+
+
+@pytest.mark.slow
+def test_a_gguf_base_model_lends_its_tokenizer_to_the_vocab_stages():
+    """A recipe whose base is the embedded model as a file (as on a GPU machine) can extend its vocabulary."""
+    from zhtune.model.default import locate_default_gguf
+    from zhtune.vocab.merge import load_base
+
+    try:
+        gguf = locate_default_gguf()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"the embedded default model is not installed: {e}")
+    base = load_base(str(gguf))
+    assert len(base.tokenizer) == 49152 and base.sp_proto is None
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_where_it_stopped(tmp_path, tiny_llama_bpe):
+    """SIGKILL during sft, after its second checkpoint: the re-run skips the data stage and resumes sft."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "model_name_or_path": str(tiny_llama_bpe),
+        "stages": [
+            {
+                "name": "data",
+                "command": "demo_data",
+                "with": {"sentiment_train": 40, "sentiment_eval": 4, "ner_train": 4, "ner_eval": 2},
+            },
+            {
+                "name": "sft",
+                "command": "sft",
+                "with": {
+                    "train_files": ["${data.sft_train}"],
+                    "max_seq_length": 96,
+                    **TRAIN,
+                    "max_steps": 40,
+                    "save_total_limit": 3,
+                },
+            },
+        ],
+    }
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zhtune", "pipeline", str(recipe)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt = tmp_path / "run" / "sft" / "checkpoint-2"
+    deadline = time.time() + 300
+    while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.is_dir(), "sft never wrote its second checkpoint"
+    state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text(encoding="utf-8"))
+    assert state["stages"]["data"]["status"] == "done" and state["stages"]["sft"]["status"] == "running"
+    r = subprocess.run(
+        [sys.executable, "-m", "zhtune", "pipeline", str(recipe)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "data (demo_data): done earlier, skipped" in r.stdout and "sft (sft): resuming from" in r.stdout
+    done = json.loads((tmp_path / "run" / "pipeline_state.json").read_text(encoding="utf-8"))["stages"]["sft"]
+    assert done["status"] == "done" and int(done["resumed_from"].rsplit("-", 1)[1]) >= 2
+    assert max(h["step"] for h in done["result"]["log_history"] if "loss" in h) == 40

@@ -85,13 +85,13 @@ class Base:
 
 
 def load_base(name: str) -> Base:
-    """Load a base tokenizer from a directory, a .model file, 'default' or a model id."""
+    """Load a base tokenizer from a directory, a .model file, a .gguf model, 'default' or a model id."""
     from transformers import AutoTokenizer
 
     from zhtune.vocab.merge_sp import load_proto
 
     p = Path(name).expanduser()
-    if p.is_file():
+    if p.is_file() and p.suffix != ".gguf":  # a GGUF model is resolved (converted once) like 'default'
         if p.suffix != ".model":
             raise ConfigError(
                 f"{p}: a base tokenizer file must be a SentencePiece .model; else pass its directory"
