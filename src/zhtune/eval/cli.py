@@ -127,7 +127,7 @@ def _defaults(a: EvalArgs) -> dict[str, Any]:
     return {f.name: getattr(a, f.name) for f in dataclasses.fields(EvalArgs)}
 
 
-def _task_from(values: dict[str, Any], where: str, index: int) -> Task:
+def _task_from(values: dict[str, Any], where: str) -> Task:
     from zhtune.eval.mcq import McqOptions
     from zhtune.eval.perplexity import TextOptions
     from zhtune.eval.tasks import TaskOptions
@@ -191,7 +191,7 @@ def resolve_tasks(a: EvalArgs) -> list[Task]:
         for key in ("benchmark", "text_files", "task_file"):
             if base[key]:
                 one = {**base, **{k: None for k in ("benchmark", "text_files", "task_file") if k != key}}
-                out.append(_task_from(one, f"--{key}", len(out)))
+                out.append(_task_from(one, f"--{key}"))
     allowed = set(MCQ_KEYS + TEXT_KEYS + TASK_KEYS + SHARED_KEYS) | {"name"}
     for i, entry in enumerate(a.tasks or []):
         where = f"tasks[{i}]"
@@ -209,7 +209,7 @@ def resolve_tasks(a: EvalArgs) -> list[Task]:
                 )
             vals[key] = val if key == "name" else coerce(val, hints[key], key)
         vals.setdefault("name", None)
-        out.append(_task_from(vals, where, i))
+        out.append(_task_from(vals, where))
     seen: dict[str, int] = {}
     for t in out:
         if t.name in seen:
@@ -248,6 +248,9 @@ def load_model(spec: ModelSpec, m: ModelArgs, template: str | None) -> Any:
 
 
 def run_task(task: Task, engine: Any) -> dict[str, Any]:
+    limit = engine.context_length  # prompts and text windows never longer than the model's context
+    if getattr(task.options, "max_seq_length", 0) > limit:
+        task = dataclasses.replace(task, options=dataclasses.replace(task.options, max_seq_length=limit))
     if task.kind == "mcq":
         from zhtune.eval import mcq
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from zhtune.config.parse import ConfigError
 from zhtune.eval.benchmarks import LETTERS, Benchmark, Question, load_split, subjects_for
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def evaluate(model: Any, tok: Any, fmt: Any, opts: McqOptions) -> dict[str, Any]
         if opts.shots:
             dev = load_split(bench, opts.data_dir, "dev", subject, opts.cache_dir)
             if dev is None:
-                raise FileNotFoundError(
+                raise ConfigError(
                     f"{opts.shots}-shot prompts need {subject}'s dev split, which is not in {opts.data_dir}; "
                     "add it or pass --shots 0"
                 )
