@@ -152,7 +152,9 @@ def test_request_cancel_from_another_thread_stops_generation(looping_model):
             [{"role": "user", "content": "你好"}], GenerationArgs(max_new_tokens=400, **GREEDY)
         )
         first = next(iter(pieces))
-        threading.Thread(target=job.request_cancel).start()  # cancel from another thread once a reply has begun
+        threading.Thread(
+            target=job.request_cancel
+        ).start()  # cancel from another thread once a reply has begun
         text = first + "".join(pieces)
         assert job.finish_reason == "cancelled" and 0 < len(text) < 400
     finally:

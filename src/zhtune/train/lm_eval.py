@@ -14,6 +14,19 @@ from typing import Any
 import torch
 
 
+def autocast_for(model: Any):
+    """Autocast to the model's half-precision dtype when it mixes dtypes (a bf16 base with fp32 trainable
+    embeddings, as LoRA + modules_to_save training leaves it); a no-op for a single-dtype model."""
+    import contextlib
+
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    half = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
+    if not half or len(dtypes) == 1:
+        return contextlib.nullcontext()
+    device = next(p.device for p in model.parameters())
+    return torch.autocast(device_type=device.type, dtype=half[0])
+
+
 def bits_per_char(total_nll_nats: float, chars: int) -> float:
     return total_nll_nats / math.log(2) / chars if chars else float("nan")
 
@@ -32,7 +45,8 @@ def evaluate_lm(
     for i in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
         rows = dataset[i : i + batch_size]
         ids = torch.tensor(rows["input_ids"], dtype=torch.long, device=device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
+        with autocast_for(model):
+            logits = model(input_ids=ids).logits[:, :-1].float()
         target = ids[:, 1:]
         nll += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
