@@ -37,6 +37,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     from zhtune.data.templates import attach, get_format
     from zhtune.model.loader import check_vocab, load_model, load_tokenizer, pick_device, pick_dtype, resolve
     from zhtune.train.outputs import check_output_dir, save_final
+    from zhtune.train.packing import PackingCollator, pack_dataset
     from zhtune.train.setup import count_parameters, prepare_for_training
     from zhtune.train.trainer import (
         LossCurveCallback,
@@ -70,7 +71,8 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
         dtype = pick_dtype(m.dtype, device)
     model = load_model(m, src, dtype=dtype, device=device, place=False)
     check_vocab(model, tokenizer, m)
-    model = prepare_for_training(model, m, lo, t)
+    tokens_per_step = t.per_device_train_batch_size * d.max_seq_length
+    model = prepare_for_training(model, m, lo, t, tokens_per_step=tokens_per_step, device=device)
     n_train, n_total = count_parameters(model)
     print(
         f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / max(n_total, 1):.3f}%)",
@@ -78,12 +80,22 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     )
 
     args = build_training_arguments(t, has_eval=eval_ds is not None, device=device)
-    collator = DataCollatorForSeq2Seq(
-        tokenizer,
-        padding=True,
-        label_pad_token_id=-100,
-        pad_to_multiple_of=8 if device.startswith("cuda") else None,
-    )
+    if t.packing:
+        train_ds = pack_dataset(train_ds, d.max_seq_length, seed=t.seed)
+        print(f"packing: {report.train_samples:,} samples into {len(train_ds):,} rows", flush=True)
+    if t.padding_free or t.packing:
+        collator = PackingCollator(
+            d.max_seq_length,
+            pad_token_id=tokenizer.pad_token_id,
+            pad_to_multiple_of=64 if device.startswith("cuda") else None,
+        )
+    else:
+        collator = DataCollatorForSeq2Seq(
+            tokenizer,
+            padding=True,
+            label_pad_token_id=-100,
+            pad_to_multiple_of=8 if device.startswith("cuda") else None,
+        )
     trainer = ZhTrainer(
         model=model,
         args=args,

@@ -65,7 +65,7 @@ def build_training_arguments(t: TrainArgs, *, has_eval: bool, device: str) -> Tr
         fp16=t.fp16,
         seed=t.seed,
         data_seed=t.seed,
-        optim=t.optim,
+        optim=resolve_optim(t.optim, device),
         dataloader_num_workers=t.dataloader_num_workers,
         report_to=t.report_to or "none",
         deepspeed=t.deepspeed,
@@ -82,6 +82,13 @@ def build_training_arguments(t: TrainArgs, *, has_eval: bool, device: str) -> Tr
         return TrainingArguments(**kw)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"invalid training options: {e}") from None
+
+
+def resolve_optim(optim: str, device: str) -> str:
+    """auto: fused AdamW on a GPU (one kernel for all parameters), the plain one elsewhere."""
+    if optim != "auto":
+        return optim
+    return "adamw_torch_fused" if device.startswith("cuda") else "adamw_torch"
 
 
 def resolve_resume(t: TrainArgs) -> str | None:
@@ -107,11 +114,33 @@ def resolve_resume(t: TrainArgs) -> str | None:
 
 
 class ZhTrainer(Trainer):
-    """Trainer whose checkpoints appear atomically and carry the resolved zhtune config."""
+    """Trainer whose checkpoints appear atomically and carry the resolved zhtune config, with the speed
+    settings of train.speed applied (Liger kernels, chunked loss, bf16 adapter inputs, compiled layers)."""
 
     def __init__(self, *args: Any, zh_config: Config | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.zh_config = zh_config
+        from zhtune.train import speed
+
+        t = getattr(zh_config, "train", None) if zh_config is not None else None
+        self.speed = speed.plan(self.model, self.args, t)
+        if self.args.should_log:
+            log.info("speed: %s", self.speed.summary())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        if self.speed.loss != "chunked" or "labels" not in inputs or not torch.is_grad_enabled():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from zhtune.train.loss import capture_final_hidden, head_weight, linear_cross_entropy
+
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        unwrapped = self.accelerator.unwrap_model(model)
+        with capture_final_hidden(unwrapped) as box:
+            outputs = model(**inputs, logits_to_keep=1)
+        loss = linear_cross_entropy(box["hidden"], head_weight(unwrapped), labels, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
