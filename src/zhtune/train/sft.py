@@ -96,6 +96,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
             label_pad_token_id=-100,
             pad_to_multiple_of=8 if device.startswith("cuda") else None,
         )
+    peak = PeakMemoryCallback()
     trainer = ZhTrainer(
         model=model,
         args=args,
@@ -103,7 +104,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[LossCurveCallback(out / "loss_curve.png"), NonFiniteLossCallback(), PeakMemoryCallback()],
+        callbacks=[LossCurveCallback(out / "loss_curve.png"), NonFiniteLossCallback(), peak],
         zh_config=cfg,
     )
     t0 = time.time()
@@ -113,7 +114,8 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
         metrics.update(trainer.evaluate())
     metrics["wall_seconds"] = round(time.time() - t0, 1)
     if torch.cuda.is_available():
-        metrics["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        metrics["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)  # training steps
+        metrics["load_peak_mem_gib"] = peak.load_peak
     attach(fmt, tokenizer)
     summary = {
         "output_dir": str(out),

@@ -12,7 +12,9 @@ What it decides, and why each keeps the loss curve of the plain path (within bf1
   use, so full-vocabulary fp32 logits are never held.
 * Gradient checkpointing when asked, or (``--gradient_checkpointing`` unset) only when the estimated memory
   of a step would not fit the GPU.
-* Regional ``torch.compile`` of the decoder layers (``--compile_layers``): one compiled layer reused by all.
+* Regional ``torch.compile`` of the decoder layers (``--compile_layers``, on by default on a single GPU):
+  one compiled graph reused by every layer; it fuses the norms, RoPE, SwiGLU and LoRA's scale-and-add and
+  cuts the Python work per step, which otherwise bounds a 7B LoRA step as much as the GPU does.
 """
 
 from __future__ import annotations
@@ -129,9 +131,9 @@ def needs_checkpointing(
     return True, f"on (estimated {need / gib:.1f} GiB without it, GPU has {total / gib:.0f} GiB)"
 
 
-def plan(model: Any, args: Any, t: Any | None) -> SpeedPlan:
+def plan(model: Any, args: Any, t: Any | None, attn_requested: str | None = None) -> SpeedPlan:
     """Decide and apply the speed settings for a model about to be trained with TrainingArguments ``args``
-    (``t``: the zhtune TrainArgs, or None for defaults)."""
+    (``t``: the zhtune TrainArgs, or None for defaults; ``attn_requested``: --attn_implementation)."""
     from zhtune.config.parse import ConfigError
     from zhtune.train.loss import head_weight
 
@@ -144,18 +146,28 @@ def plan(model: Any, args: Any, t: Any | None) -> SpeedPlan:
         p.adapter_input_casts_removed = keep_adapter_inputs(model)
 
     sharded = bool(getattr(args, "fsdp", None)) or bool(getattr(args, "deepspeed", None))
+    want_compile = getattr(t, "compile_layers", None) if t is not None else None
+    if want_compile is None:
+        want_compile, why = compile_default(model, args, sharded)
+        if not want_compile:
+            p.notes.append(f"layers not compiled: {why}")
     want_liger = getattr(t, "use_liger_kernel", None) if t is not None else None
     if want_liger is None:
         want_liger = bool(getattr(args, "use_liger_kernel", False)) or None
+    if want_liger is None and want_compile:
+        want_liger = (
+            False  # inductor fuses norms, RoPE and SwiGLU itself; dynamo cannot trace Liger's launches
+        )
     if want_liger is not False:
         why_not = liger_support(model)
         if why_not is None:
             p.liger = True
             args.use_liger_kernel = True
-            args.liger_kernel_config = {
-                **(getattr(args, "liger_kernel_config", None) or {}),
-                "fused_linear_cross_entropy": head_weight(model) is not None,
-            }
+            kc = {**(getattr(args, "liger_kernel_config", None) or {})}
+            kc["fused_linear_cross_entropy"] = head_weight(model) is not None
+            if want_compile:  # compiled layers: Liger only for the loss
+                kc.update(rope=False, rms_norm=False, swiglu=False)
+            args.liger_kernel_config = kc
         elif want_liger:
             raise ConfigError(f"--use_liger_kernel true: {why_not}")
         else:
@@ -170,6 +182,38 @@ def plan(model: Any, args: Any, t: Any | None) -> SpeedPlan:
         raise ConfigError(
             "--chunked_loss true needs a plain linear output head and an unsharded model (no --fsdp/--deepspeed)"
         )
-    if t is not None and getattr(t, "compile_layers", False):
+    if (
+        t is not None
+        and getattr(t, "packing", False)
+        and attn_requested is None
+        and torch.cuda.is_available()
+        and getattr(getattr(base_model(model), "config", None), "_attn_implementation", None) == "sdpa"
+    ):
+        # rows of several samples: flex attention skips the blocks between samples, where sdpa computes a
+        # dense masked square (3.46x against 2.77x the padded baseline on the real SFT lengths, on an H100)
+        base_model(model).set_attn_implementation("flex_attention")
+        p.notes.append("flex attention for packed rows")
+    if want_compile:
         p.compiled_layers = compile_layers(model)
     return p
+
+
+def compile_default(model: Any, args: Any, sharded: bool) -> tuple[bool, str]:
+    """Regional compilation is on by default where it was measured to help and is known to work: one process
+    on a GPU, bf16/fp16, an unquantized base (7B LoRA at seq 2048: 1.38x the plain path against 1.22x
+    with Liger kernels instead, in the same run on an H100)."""
+    import os
+
+    if not torch.cuda.is_available() or getattr(args, "use_cpu", False):
+        return False, "no GPU"
+    if sharded or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False, "distributed run"
+    if getattr(base_model(model), "is_quantized", False) or getattr(
+        getattr(base_model(model), "config", None), "quantization_config", None
+    ):
+        return False, "quantized base"
+    if not (args.bf16 or args.fp16):
+        return False, "not mixed precision"
+    if not decoder_layers(model):
+        return False, "no decoder layer list"
+    return True, ""

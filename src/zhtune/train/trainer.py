@@ -71,6 +71,9 @@ def build_training_arguments(t: TrainArgs, *, has_eval: bool, device: str) -> Tr
         deepspeed=t.deepspeed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         remove_unused_columns=False,
+        # the NaN filter reads the loss every step, a GPU sync that stalls the queue; NonFiniteLossCallback
+        # stops the run at the first logged NaN/inf instead
+        logging_nan_inf_filter=False,
         disable_tqdm=False,
         use_cpu=(device == "cpu"),
     )
@@ -123,7 +126,8 @@ class ZhTrainer(Trainer):
         from zhtune.train import speed
 
         t = getattr(zh_config, "train", None) if zh_config is not None else None
-        self.speed = speed.plan(self.model, self.args, t)
+        attn = getattr(getattr(zh_config, "model", None), "attn_implementation", None)
+        self.speed = speed.plan(self.model, self.args, t, attn_requested=attn)
         if self.args.should_log:
             log.info("speed: %s", self.speed.summary())
 
@@ -199,11 +203,23 @@ class LossCurveCallback(TrainerCallback):
 
 
 class PeakMemoryCallback(TrainerCallback):
-    """Adds the peak GPU memory so far (GiB, weights included) to every log line on CUDA."""
+    """Adds the peak GPU memory of training so far (GiB, weights included) to every log line on CUDA. The
+    peak of loading (a quantized base passes through half precision shard by shard) is logged once as
+    load_peak_mem_gib, then the counter restarts so the training peak is what a step needs."""
+
+    def __init__(self) -> None:
+        self.load_peak: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        if torch.cuda.is_available() and self.load_peak is None:
+            self.load_peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats()
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
         if logs is not None and torch.cuda.is_available():
             logs["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            if self.load_peak is not None:
+                logs["load_peak_mem_gib"] = self.load_peak
 
 
 class NonFiniteLossCallback(TrainerCallback):
