@@ -197,10 +197,10 @@ class TrainArgs:
         "Compute the loss from hidden states a chunk of tokens at a time, never holding full-vocabulary fp32 "
         "logits. Default: on unless Liger's fused loss is used or the model is sharded (FSDP/DeepSpeed).",
     )
-    compile_layers: bool | None = field(
-        None,
-        "torch.compile each decoder layer (one graph shared by all layers; the first steps compile). Default: on "
-        "for single-process training on a GPU without a quantized base; then Liger kernels are off unless asked.",
+    compile_layers: bool = field(
+        False,
+        "torch.compile each decoder layer (one graph shared by all layers; the first steps compile). Liger "
+        "kernels are then off unless asked for, and used only for the loss.",
     )
     extra: dict[str, Any] = field(
         factory=dict, help="Other transformers.TrainingArguments fields, passed through."

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
-from zhtune.atomic import publish_files, tmp_sibling
+from zhtune.atomic import TMP_PREFIX, publish_files, tmp_sibling
 from zhtune.config.parse import Config, ConfigError, save_config
 from zhtune.data.templates import ChatFormat, save_tokenizer, write_sidecar
 
@@ -24,12 +25,24 @@ def check_output_dir(out: Path, *, overwrite: bool, resuming: bool) -> None:
 def save_final(
     trainer: Any, tokenizer: Any, fmt: ChatFormat, cfg: Config, out: Path, summary: dict[str, Any]
 ) -> None:
-    """Adapter (or full model), tokenizer + chat template, resolved config and results, atomically."""
+    """Adapter (or full model), tokenizer + chat template, resolved config and results, atomically.
+
+    Called on every rank of a distributed run: saving the model gathers FSDP shards, then only the main
+    process writes; the staging directory has one name that every rank agrees on.
+    """
     from zhtune.train.trainer import CONFIG_NAME, write_json
 
-    staging = tmp_sibling(out / "final")
-    staging.mkdir(parents=True)
+    main = trainer.args.should_save
+    distributed = trainer.args.world_size > 1
+    staging = out.parent / f"{TMP_PREFIX}{out.name}-final" if distributed else tmp_sibling(out / "final")
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
+    if not main:
+        trainer.accelerator.wait_for_everyone()
+        return
     save_tokenizer(tokenizer, staging)
     write_sidecar(fmt, staging)
     save_config(cfg, staging / CONFIG_NAME, extra={"data_report": summary["data"], "template": fmt.name})
@@ -37,3 +50,4 @@ def save_final(
     write_json(staging / "log_history.json", summary["log_history"])
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the YAML config says the same
     publish_files(staging, out, last=MARKERS)
+    trainer.accelerator.wait_for_everyone()

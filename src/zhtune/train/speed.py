@@ -12,9 +12,12 @@ What it decides, and why each keeps the loss curve of the plain path (within bf1
   use, so full-vocabulary fp32 logits are never held.
 * Gradient checkpointing when asked, or (``--gradient_checkpointing`` unset) only when the estimated memory
   of a step would not fit the GPU.
-* Regional ``torch.compile`` of the decoder layers (``--compile_layers``, on by default on a single GPU):
-  one compiled graph reused by every layer; it fuses the norms, RoPE, SwiGLU and LoRA's scale-and-add and
-  cuts the Python work per step, which otherwise bounds a 7B LoRA step as much as the GPU does.
+* Regional ``torch.compile`` of the decoder layers (``--compile_layers true``): one compiled graph reused by
+  every layer; it fuses the norms, RoPE, SwiGLU and LoRA's scale-and-add and cuts the Python work per step,
+  which bounds a 7B LoRA step about as much as the GPU does. Measured on an H100 against the plain path in the
+  same run: 1.38x (Liger instead: 1.22x) at 7B, 1.42x (1.18x) with checkpointing, 1.61x (1.48x) at 1.1B.
+  Off by default: it was not measured with packing, a quantized base or several GPUs, and its first steps
+  compile for about half a minute.
 """
 
 from __future__ import annotations
@@ -146,11 +149,7 @@ def plan(model: Any, args: Any, t: Any | None, attn_requested: str | None = None
         p.adapter_input_casts_removed = keep_adapter_inputs(model)
 
     sharded = bool(getattr(args, "fsdp", None)) or bool(getattr(args, "deepspeed", None))
-    want_compile = getattr(t, "compile_layers", None) if t is not None else None
-    if want_compile is None:
-        want_compile, why = compile_default(model, args, sharded)
-        if not want_compile:
-            p.notes.append(f"layers not compiled: {why}")
+    want_compile = bool(getattr(t, "compile_layers", False)) if t is not None else False
     want_liger = getattr(t, "use_liger_kernel", None) if t is not None else None
     if want_liger is None:
         want_liger = bool(getattr(args, "use_liger_kernel", False)) or None
@@ -164,7 +163,7 @@ def plan(model: Any, args: Any, t: Any | None, attn_requested: str | None = None
             p.liger = True
             args.use_liger_kernel = True
             kc = {**(getattr(args, "liger_kernel_config", None) or {})}
-            kc["fused_linear_cross_entropy"] = head_weight(model) is not None
+            kc["fused_linear_cross_entropy"] = head_weight(model) is not None and not sharded
             if want_compile:  # compiled layers: Liger only for the loss
                 kc.update(rope=False, rms_norm=False, swiglu=False)
             args.liger_kernel_config = kc
@@ -196,24 +195,3 @@ def plan(model: Any, args: Any, t: Any | None, attn_requested: str | None = None
     if want_compile:
         p.compiled_layers = compile_layers(model)
     return p
-
-
-def compile_default(model: Any, args: Any, sharded: bool) -> tuple[bool, str]:
-    """Regional compilation is on by default where it was measured to help and is known to work: one process
-    on a GPU, bf16/fp16, an unquantized base (7B LoRA at seq 2048: 1.38x the plain path against 1.22x
-    with Liger kernels instead, in the same run on an H100)."""
-    import os
-
-    if not torch.cuda.is_available() or getattr(args, "use_cpu", False):
-        return False, "no GPU"
-    if sharded or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return False, "distributed run"
-    if getattr(base_model(model), "is_quantized", False) or getattr(
-        getattr(base_model(model), "config", None), "quantization_config", None
-    ):
-        return False, "quantized base"
-    if not (args.bf16 or args.fp16):
-        return False, "not mixed precision"
-    if not decoder_layers(model):
-        return False, "no decoder layer list"
-    return True, ""
