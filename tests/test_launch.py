@@ -74,3 +74,23 @@ def test_two_process_ddp_through_the_cli_gives_the_single_process_losses(tiny_ll
     ).is_file()
     assert not list(out.parent.glob(".tmp-*")) and not list(out.glob(".tmp-*"))
     assert r.stdout.count("done: ") == 1  # one process reports
+
+
+def test_deepspeed_configs_are_shipped_and_checked(tmp_path):
+    from zhtune.config.parse import ConfigError
+    from zhtune.deps import MissingDependency, available
+    from zhtune.train.trainer import check_deepspeed
+
+    shipped = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
+    assert {p.name for p in shipped} >= {"ds_zero2_no_offload.json", "ds_zero3.json"}
+    stages = {json.loads(p.read_text())["zero_optimization"]["stage"] for p in shipped}
+    assert stages == {2, 3}
+    with pytest.raises(ConfigError, match="no such file"):
+        check_deepspeed(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{'stage': 2}")
+    with pytest.raises(ConfigError, match="malformed JSON"):
+        check_deepspeed(str(bad))
+    if not available("deepspeed"):
+        with pytest.raises(MissingDependency, match="pip install deepspeed"):
+            check_deepspeed(str(shipped[0]))

@@ -42,6 +42,7 @@ def build_training_arguments(t: TrainArgs, *, has_eval: bool, device: str) -> Tr
         bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported() and not t.fp16
     if (bf16 or t.fp16) and device == "cpu" and t.fp16:
         raise ConfigError("--fp16 needs a GPU; on CPU train in float32 (the default) or --bf16")
+    check_deepspeed(t.deepspeed)
     eval_steps = t.eval_steps or t.save_steps
     kw: dict[str, Any] = dict(
         output_dir=t.output_dir,
@@ -85,6 +86,25 @@ def build_training_arguments(t: TrainArgs, *, has_eval: bool, device: str) -> Tr
         return TrainingArguments(**kw)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"invalid training options: {e}") from None
+
+
+def check_deepspeed(path: str | None) -> None:
+    """--deepspeed: the JSON must exist and parse, and deepspeed must be installed (it is not a dependency)."""
+    if not path:
+        return
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"--deepspeed {path}: no such file (configs/deepspeed/ in the zhtune repository has "
+            "ds_zero2_no_offload.json, ds_zero3.json and ds_zero3_offload.json)"
+        )
+    try:
+        json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed {path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    from zhtune.deps import require
+
+    require("deepspeed", "--deepspeed")
 
 
 def resolve_optim(optim: str, device: str) -> str:
