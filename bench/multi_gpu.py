@@ -115,11 +115,11 @@ def scaling_worker(a: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def run(cmd: list[str], logf, timeout: float) -> int:
+def run(cmd: list[str], logf, timeout: float, env: dict | None = None) -> int:
     log("$", " ".join(cmd))
     t0 = time.time()
     try:
-        r = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout)
+        r = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout, env=env)
         rc = r.returncode
     except subprocess.TimeoutExpired:
         rc = -9
@@ -133,7 +133,7 @@ def scaling(a, out: Path, logf) -> dict:
         path = out / f"scaling_{n}gpu.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__,
                "--worker", "scaling", "--ga", str(ga), "--result", str(path)] + (["--small"] if a.small else [])  # fmt: skip
-        rc = run(cmd, logf, 240)
+        rc = run(cmd, logf, 240, env={**os.environ, "OMP_NUM_THREADS": "1"})  # what torchrun sets for N > 1
         res[f"{n}gpu"] = json.loads(path.read_text()) if path.exists() else {"rc": rc}
     one, two = res["1gpu"], res["2gpu"]
     if "tokens_per_s" in one and "tokens_per_s" in two:

@@ -19,11 +19,14 @@ zhtune runs its own training path: prepare_for_training, ZhTrainer (a transforme
 speed settings, its collators and packing. Both sides: constant lr 1e-4, no weight decay, no gradient clipping,
 the same initial weights and batches (so the first step's loss must agree).
 
-Timing: 3 warm-up steps (compilation, if any, happens there; the last one is profiled when asked), then 10
-steps (the real-length case: 24) timed as one window: torch.cuda.synchronize() when it opens and when it
-closes, no sync in between (neither side reads the loss during the window), so tokens/s is the throughput a
-training run sees. zhtune's window covers whole Trainer steps: data loading, collation, the optimizer and
-callbacks included. Peak memory: torch.cuda.max_memory_allocated() over the case, weights included.
+Timing (--timing): 3 warm-up steps, then
+  step    (default; the method of the results in bench/results and of the HF+PEFT reference measurements)
+          10 steps each ended by torch.cuda.synchronize() (and a loss read), the median step reported;
+  window  the same steps timed as one window, synchronised only when it opens and closes: the throughput of a
+          run that does not read the loss every step (zhtune's Trainer no longer does; HF's NaN filter does).
+The real-length case covers 24 steps and reports total real tokens over total time. zhtune's steps are whole
+Trainer steps: data loading, collation, the optimizer and callbacks included. Peak memory:
+torch.cuda.max_memory_allocated() over the case, weights included.
 
 MFU = flops per token x tokens/s / peak, peak = the bf16 8192^3 matmul rate measured at the start of the run.
 flops per token = 4N + 6 L h s: N = parameters taking part in matmuls (all but the input embedding),
@@ -197,7 +200,7 @@ def finish(
         rec["ms_per_step"] = round(1e3 * sum(times) / len(times), 1)
         rec["tokens_per_s"] = round(sum(tokens) / sum(times), 1)  # effective: non-pad tokens
     else:
-        med = statistics.mean(times)
+        med = statistics.median(times)  # window timing: all entries equal, the window's mean
         rec["ms_per_step"] = round(1e3 * med, 1)
         rec["tokens_per_s"] = round(bs * seq / med, 1)
         rec["mfu"] = round(flops_per_token(cfg, seq, head, vocab) * rec["tokens_per_s"] / A.peak, 4)
@@ -249,10 +252,10 @@ def baseline_case(name: str) -> dict:
         for i in range(WARMUP + ITERS):
             ids = torch.tensor(rows[i * bs : (i + 1) * bs])
             batches.append({"input_ids": ids, "labels": ids.clone()})
-    tokens, losses = [], []
+    tokens, losses, times = [], [], []
     t0 = 0.0
     for i, b in enumerate(batches):
-        if i == WARMUP:
+        if A.timing == "step" or i == WARMUP:
             sync()
             t0 = time.perf_counter()
         if i >= WARMUP:
@@ -265,10 +268,16 @@ def baseline_case(name: str) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-    sync()
-    n = len(batches) - WARMUP
-    times = [(time.perf_counter() - t0) / n] * n
-    losses = [x.item() for x in losses]
+        if A.timing == "step":
+            losses[-1] = losses[-1].item()
+            sync()
+            if i >= WARMUP:
+                times.append(time.perf_counter() - t0)
+    if A.timing == "window":
+        sync()
+        n = len(batches) - WARMUP
+        times = [(time.perf_counter() - t0) / n] * n
+    losses = [float(x) for x in losses]
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     finish(rec, times, tokens, losses, peak, cfg, name)
     del model, opt, params
@@ -308,7 +317,8 @@ def zhtune_case(name: str, variant: dict) -> dict:
     out = tempfile.mkdtemp(prefix="zhtune_bench_")
     n_steps = WARMUP + ((4 if A.tiny else REAL_STEPS) if real else ITERS)
     flat = {
-        "output_dir": out, "per_device_train_batch_size": rows_bs, "max_steps": n_steps, "logging_steps": 1000,
+        "output_dir": out, "per_device_train_batch_size": rows_bs, "max_steps": n_steps,
+        "logging_steps": 1 if A.timing == "step" else 1000,
         "save_steps": 10**6, "learning_rate": 1e-4, "lr_scheduler_type": "constant", "warmup_ratio": 0.0,
         "weight_decay": 0.0, "max_grad_norm": 0.0, "report_to": "none", "bf16": True,
         "lora_rank": 8, "lora_alpha": 32, "lora_dropout": 0.0, "trainable": TARGETS, "seed": 42,
@@ -333,15 +343,23 @@ def zhtune_case(name: str, variant: dict) -> dict:
     col = PackingCollator(seq, pad_token_id=0, pad_to_multiple_of=64 if device() == "cuda" else None)
 
     class Clock(TrainerCallback):
-        """Synchronises only when the timed window opens (after the warm-up steps) and when training ends."""
+        """--timing window: synchronises only when the timed window opens (after the warm-up steps) and when
+        training ends. --timing step: at every step end (step times between consecutive step ends)."""
 
         def __init__(self):
             self.t0 = self.t1 = 0.0
+            self.ends: list[float] = []
 
         def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
             if state.global_step == WARMUP and not self.t0:
                 sync()
                 self.t0 = time.perf_counter()
+                self.ends.append(self.t0)
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if A.timing == "step" and self.t0:
+                sync()
+                self.ends.append(time.perf_counter())
 
         def on_train_end(self, args, state, control, **kw):  # noqa: ANN001
             sync()
@@ -360,14 +378,18 @@ def zhtune_case(name: str, variant: dict) -> dict:
     clock = Clock()
     callbacks = [clock]
     if name in A.profile.split(",") and not tag:
-        callbacks.append(Profile(WARMUP - 1, rec))  # the last warm-up step, outside the timed window
+        # step timing: the 2nd timed step (its median absorbs it); window timing: the last warm-up step
+        callbacks.append(Profile(WARMUP + 1 if A.timing == "step" else WARMUP - 1, rec))
     Trainer.step_losses = []
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=col, callbacks=callbacks,
                         zh_config=zc)  # fmt: skip
     rec["speed"] = trainer.speed.summary()
     trainer.train()
     n = n_steps - WARMUP
-    times = [(clock.t1 - clock.t0) / n] * n
+    if A.timing == "step":
+        times = [b - a for a, b in zip(clock.ends, clock.ends[1:])]
+    else:
+        times = [(clock.t1 - clock.t0) / n] * n
     # the sampler is sequential: step i trains rows i*b .. i*b+b-1 (real tokens only; no padding in them)
     lens = [len(ds[i]["input_ids"]) for i in range(min(len(ds), rows_bs * n_steps))]
     tokens = [sum(lens[i * rows_bs : (i + 1) * rows_bs]) for i in range(WARMUP, WARMUP + len(times))]
@@ -557,6 +579,7 @@ def main() -> None:
     ap.add_argument(
         "--budget", type=float, default=0.0, help="skip cases that would start after this many seconds"
     )
+    ap.add_argument("--timing", default="step", choices=["step", "window"], help="see the module docstring")
     ap.add_argument("--t_start", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--peak", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--label", default="", help=argparse.SUPPRESS)
@@ -600,7 +623,7 @@ def main() -> None:
             continue
         cmd = [sys.executable, __file__, "--out", A.out, "--sp_model", A.sp_model, "--data", A.data, "--cases",
                A.cases, "--variants", json.dumps(vs), "--side", side, "--label", label, "--peak", str(A.peak),
-               "--budget", str(A.budget), "--t_start", str(A.t_start), "--profile", A.profile] + (["--tiny"] if A.tiny else [])  # fmt: skip
+               "--budget", str(A.budget), "--t_start", str(A.t_start), "--profile", A.profile, "--timing", A.timing] + (["--tiny"] if A.tiny else [])  # fmt: skip
         subprocess.run(cmd, check=False)
         p = out / f"{label}.json"
         recs += json.loads(p.read_text()) if p.exists() else []
