@@ -27,21 +27,27 @@ def save_final(
 ) -> None:
     """Adapter (or full model), tokenizer + chat template, resolved config and results, atomically.
 
-    Called on every rank of a distributed run: saving the model gathers FSDP shards, then only the main
-    process writes; the staging directory has one name that every rank agrees on.
+    In a distributed run with sharded weights (FSDP, DeepSpeed ZeRO) every rank must call it: saving gathers
+    the shards, only the main process writes, and the staging directory has one name all ranks agree on.
+    Otherwise calling it on the main process alone is enough.
     """
     from zhtune.train.trainer import CONFIG_NAME, write_json
 
     main = trainer.args.should_save
-    distributed = trainer.args.world_size > 1
-    staging = out.parent / f"{TMP_PREFIX}{out.name}-final" if distributed else tmp_sibling(out / "final")
+    # sharded weights (FSDP, DeepSpeed ZeRO) are gathered by every rank; then the ranks must meet here
+    sharded = bool(
+        getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+    )
+    staging = out.parent / f"{TMP_PREFIX}{out.name}-final" if sharded else tmp_sibling(out / "final")
     if main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
-    if not main:
+    if sharded:
         trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # writes on the main process only
+    if not main:
+        if sharded:
+            trainer.accelerator.wait_for_everyone()
         return
     save_tokenizer(tokenizer, staging)
     write_sidecar(fmt, staging)
@@ -50,4 +56,5 @@ def save_final(
     write_json(staging / "log_history.json", summary["log_history"])
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the YAML config says the same
     publish_files(staging, out, last=MARKERS)
-    trainer.accelerator.wait_for_everyone()
+    if sharded:
+        trainer.accelerator.wait_for_everyone()
