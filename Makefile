@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 EXTRAS ?= demo,test,serve,data
 
-.PHONY: setup demo test test-fast lint format clean
+.PHONY: setup demo test test-fast lint format clean browser-deps llamacpp
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,14 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Debian's Chromium (and a CJK font for readable screenshots) for the web page test; Playwright drives it
+# through executable_path, so `playwright install` is never needed. Needs root (CI) or sudo.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 && fc-list :lang=zh | grep -q . || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		$$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-wqy-zenhei; }
 
 demo: setup
 	$(BIN)/zhtune demo
@@ -32,6 +40,16 @@ test: setup lint
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not gpu and not slow" -x $(PYTEST_ARGS)
+
+# llama.cpp for the GGUF checks (tests skip without it): compiled once from the llama-cpp-python sdist
+# (about 20 minutes on 2 busy cores), the wheel kept in $(WHEELS) so later installs take seconds
+WHEELS ?= $(HOME)/.cache/zhtune/wheels
+LLAMACPP ?= llama-cpp-python==0.3.36
+llamacpp: setup
+	ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+	  CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=OFF" \
+	  $(PIP) wheel -q --no-deps --no-binary llama-cpp-python -w $(WHEELS) "$(LLAMACPP)"
+	$(PIP) install -q diskcache $(WHEELS)/llama_cpp_python-*.whl
 
 format: setup
 	$(BIN)/ruff format src tests bench

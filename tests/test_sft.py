@@ -117,14 +117,16 @@ def test_adapter_loads_with_plain_peft_and_matches_zhtune(tiny_llama_bpe, alpaca
     from transformers import AutoModelForCausalLM
 
     from zhtune.config.args import ModelArgs
-    from zhtune.infer.engine import Engine
+    from zhtune.infer.engine import Engine, EngineArgs
 
     out = tmp_path / "o"
     sft(base_cfg(tiny_llama_bpe, alpaca_file, out, tmp_path / "c", max_steps=3, learning_rate=5e-3))
     plain = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(str(tiny_llama_bpe)), str(out)
     ).eval()
-    ours = Engine.load(ModelArgs(model_name_or_path=str(tiny_llama_bpe), device="cpu"), [str(out)])
+    ours = Engine.load(
+        ModelArgs(model_name_or_path=str(tiny_llama_bpe), device="cpu"), EngineArgs(lora_models=[str(out)])
+    )
     x = torch.tensor([ours.prompt_ids([{"role": "user", "content": "北京是中国的首都吗？"}])])
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_bpe)).eval()
     with torch.no_grad():

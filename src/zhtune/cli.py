@@ -13,8 +13,35 @@ import sys
 
 # name -> (module with cli(argv), extra it needs or "", one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "vocab": (
+        "zhtune.vocab.cli",
+        "",
+        "train, merge and compare Chinese vocabularies (zhtune vocab train|merge|stats)",
+    ),
+    "pt": (
+        "zhtune.train.pt",
+        "",
+        "continued pre-training on plain text (embeddings, LoRA + embeddings, or full)",
+    ),
     "sft": ("zhtune.train.sft", "", "instruction-tune (LoRA, QLoRA, full) on Alpaca/ShareGPT/messages data"),
     "chat": ("zhtune.infer.chat", "", "chat with a model (plus adapters) in the terminal"),
+    "generate": ("zhtune.infer.generate", "", "answer a JSON/JSONL file of prompts in batches (resumable)"),
+    "serve": ("zhtune.serve.server", "serve", "OpenAI-compatible API and web chat page"),
+    "data": (
+        "zhtune.data.cli",
+        "data",
+        "data tools: convert, merge, clean, filter, dedup, split, stats, generate",
+    ),
+    "merge": (
+        "zhtune.merge.merge",
+        "",
+        "merge LoRA adapters (in order) into the base; write HF safetensors or GGUF",
+    ),
+    "export": (
+        "zhtune.export.export",
+        "",
+        "export a model as GGUF (f16, q8_0, q4_0) for llama.cpp and Ollama",
+    ),
     "demo": ("zhtune.demo", "demo", "Chinese sentiment demo on the embedded default model (CPU, ~10 min)"),
 }
 

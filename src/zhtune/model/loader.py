@@ -127,12 +127,18 @@ def _explain_load_error(e: Exception, src: Source, args: ModelArgs) -> Exception
             f"could not load {src.origin!r} from the Hugging Face hub ({msg.splitlines()[0]}). "
             "Without network access, download it elsewhere and pass the local directory."
         )
-    if "safetensors" in msg and "pytorch_model.bin" in msg.replace("*.bin", "pytorch_model.bin"):
-        return ConfigError(
+    return e
+
+
+def _refuse_pickle_only(src: Source, args: ModelArgs) -> None:
+    if src.kind != "local" or args.allow_pickle:
+        return
+    d = Path(src.path)
+    if not list(d.glob("*.safetensors")) and (list(d.glob("*.bin")) or list(d.glob("*.pt"))):
+        raise ConfigError(
             f"{src.origin} has only pickle (.bin) weights; zhtune reads safetensors unless you pass "
             "--allow_pickle (loading pickle can run code: only for checkpoints you trust)"
         )
-    return e
 
 
 def load_tokenizer(args: ModelArgs, src: Source | None = None, *, padding_side: str = "right") -> Any:
@@ -169,6 +175,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     src = src or resolve(args.model_name_or_path, args.gguf_file, args.cache_dir)
+    _refuse_pickle_only(src, args)
     device = device or pick_device(args.device)
     dtype = dtype or pick_dtype(args.dtype, device)
     kw: dict[str, Any] = _hub_kwargs(args, src)
@@ -195,11 +202,15 @@ def load_model(
 def load(
     args: ModelArgs, *, place: bool = True, dtype: torch.dtype | None = None, padding_side: str = "right"
 ):
-    """Model and tokenizer, checked to agree on vocabulary size."""
+    """Model and tokenizer, the model resized when the tokenizer extends its own (see model.embeddings)."""
+    from zhtune.model.embeddings import fit_embeddings
+
     src = resolve(args.model_name_or_path, args.gguf_file, args.cache_dir)
     tok = load_tokenizer(args, src, padding_side=padding_side)
     model = load_model(args, src, dtype=dtype, place=place)
-    check_vocab(model, tok, args)
+    fit_embeddings(
+        model, tok, model_path=src.path, tokenizer_name=args.tokenizer_name_or_path, init=args.new_token_init
+    )
     return model, tok
 
 

@@ -23,10 +23,11 @@ def check_output_dir(out: Path, *, overwrite: bool, resuming: bool) -> None:
 
 
 def save_final(
-    trainer: Any, tokenizer: Any, fmt: ChatFormat, cfg: Config, out: Path, summary: dict[str, Any]
+    trainer: Any, tokenizer: Any, fmt: ChatFormat | None, cfg: Config, out: Path, summary: dict[str, Any]
 ) -> None:
     """Adapter (or full model), tokenizer + chat template, resolved config and results, atomically.
 
+    ``fmt`` None (pre-training with a tokenizer that has no chat template) writes no template record.
     In a distributed run with sharded weights (FSDP, DeepSpeed ZeRO) every rank must call it: saving gathers
     the shards, only the main process writes, and the staging directory has one name all ranks agree on.
     Otherwise calling it on the main process alone is enough.
@@ -50,8 +51,13 @@ def save_final(
             trainer.accelerator.wait_for_everyone()
         return
     save_tokenizer(tokenizer, staging)
-    write_sidecar(fmt, staging)
-    save_config(cfg, staging / CONFIG_NAME, extra={"data_report": summary["data"], "template": fmt.name})
+    if fmt is not None:
+        write_sidecar(fmt, staging)
+    save_config(
+        cfg,
+        staging / CONFIG_NAME,
+        extra={"data_report": summary["data"], "template": fmt.name if fmt else None},
+    )
     write_json(staging / "train_results.json", {k: v for k, v in summary.items() if k != "log_history"})
     write_json(staging / "log_history.json", summary["log_history"])
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the YAML config says the same

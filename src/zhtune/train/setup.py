@@ -81,12 +81,15 @@ def prepare_for_training(
         log.info("continuing adapter %s", largs.peft_path)
     else:
         targets = lora_targets(model, largs.trainable)
+        # a tied model keeps its trained embed_tokens/lm_head copies tied (one tensor, saved for both)
+        tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
         cfg = LoraConfig(
+            ensure_weight_tying=tied and bool(largs.modules_to_save),
             r=largs.lora_rank,
             lora_alpha=largs.lora_alpha,
             lora_dropout=largs.lora_dropout,
             target_modules=targets,
-            modules_to_save=largs.modules_to_save,
+            modules_to_save=list(largs.modules_to_save) if largs.modules_to_save else None,
             use_rslora=largs.use_rslora,
             use_dora=largs.use_dora,
             bias="none",

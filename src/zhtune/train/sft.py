@@ -43,7 +43,8 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
 
     from zhtune.data.sft import build_sft_data
     from zhtune.data.templates import attach, get_format
-    from zhtune.model.loader import check_vocab, load_model, load_tokenizer, pick_device, pick_dtype, resolve
+    from zhtune.model.embeddings import fit_embeddings
+    from zhtune.model.loader import load_model, load_tokenizer, pick_device, pick_dtype, resolve
     from zhtune.train.launch import main_process_first
     from zhtune.train.outputs import check_output_dir, save_final
     from zhtune.train.packing import PackingCollator, pack_dataset
@@ -80,7 +81,9 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     else:
         dtype = pick_dtype(m.dtype, device)
     model = load_model(m, src, dtype=dtype, device=device, place=False)
-    check_vocab(model, tokenizer, m)
+    fit_embeddings(
+        model, tokenizer, model_path=src.path, tokenizer_name=m.tokenizer_name_or_path, init=m.new_token_init
+    )
     tokens_per_step = t.per_device_train_batch_size * d.max_seq_length
     model = prepare_for_training(model, m, lo, t, tokens_per_step=tokens_per_step, device=device)
     n_train, n_total = count_parameters(model)

@@ -1,0 +1,1 @@
+"""Export models for other runtimes (GGUF for llama.cpp, Ollama, LM Studio)."""

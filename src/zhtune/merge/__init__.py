@@ -1,0 +1,1 @@
+"""Merge LoRA adapters into a base model, tensor by tensor."""
