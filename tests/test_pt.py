@@ -250,3 +250,31 @@ def test_chat_engine_loads_the_stage2_adapter(work, stage2):
     )
     with torch.no_grad():
         assert torch.allclose(eng.model(ids).logits, plain(ids).logits, atol=1e-5)
+
+
+def test_bits_per_char_eval_handles_a_bf16_base_with_fp32_trainable_rows(tiny_llama_sp):
+    """LoRA + modules_to_save leaves fp32 embeddings on a bf16 base; evaluation must still run."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zhtune.train.lm_eval import evaluate_lm
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_sp), dtype=torch.bfloat16)
+    model = get_peft_model(
+        model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    )
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    rows = {"input_ids": [[1, 5, 6, 7, 8, 9]] * 2, "n_chars": [10, 10]}
+
+    class DS:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, sl):
+            return {k: v[sl] for k, v in rows.items()}
+
+    out = evaluate_lm(model, DS(), batch_size=2)
+    assert out["tokens"] == 10 and out["bpc"] > 0

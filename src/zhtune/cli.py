@@ -57,6 +57,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# commands that train, and so take torchrun's launch flags (--nproc_per_node, --nnodes, ...): see train.launch
+DISTRIBUTED = ("sft", "pt")
+
+
 def usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = [
@@ -104,6 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     from zhtune.config.parse import ConfigError
     from zhtune.deps import MissingDependency
+
+    if name in DISTRIBUTED:  # --nproc_per_node N / --nnodes ...: run again under torchrun
+        from zhtune.train.launch import maybe_relaunch
+
+        try:
+            rc, rest = maybe_relaunch(name, rest)
+        except ConfigError as e:
+            print(f"zhtune {name}: {e}", file=sys.stderr)
+            return 2
+        if rc is not None:
+            return rc
 
     try:
         module = importlib.import_module(module_name)

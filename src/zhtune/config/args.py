@@ -162,12 +162,18 @@ class TrainArgs:
     eval_steps: int | None = field(
         None, "Evaluate every N steps when there is validation data (default: --save_steps)."
     )
-    gradient_checkpointing: bool = field(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | None = field(
+        None,
+        "Recompute activations in backward to save memory (about a third slower). Default: on only when the "
+        "estimated memory of a step does not fit the GPU.",
+    )
     bf16: bool | None = field(None, "bfloat16 mixed precision (default: on where the GPU supports it).")
     fp16: bool = field(False, "float16 mixed precision with loss scaling.")
     seed: int = field(42, "Random seed for initialisation, shuffling and dropout.")
     optim: str = field(
-        "adamw_torch", "Optimizer name as Hugging Face spells it (adamw_torch, adamw_torch_fused, ...)."
+        "auto",
+        "Optimizer name as Hugging Face spells it (adamw_torch, adamw_torch_fused, ...); auto: adamw_torch_fused "
+        "on a GPU, adamw_torch elsewhere.",
     )
     resume_from_checkpoint: str | None = field(
         None, "A checkpoint directory, or 'true' for the newest complete one in --output_dir."
@@ -176,6 +182,31 @@ class TrainArgs:
     report_to: list[str] = field(factory=lambda: ["tensorboard"], help="Loggers: tensorboard, wandb, none.")
     deepspeed: str | None = field(None, "A DeepSpeed JSON config (needs deepspeed installed).")
     group_by_length: bool = field(False, "Batch samples of similar length together to cut padding.")
+    padding_free: bool = field(
+        True,
+        "Lay a batch's samples back to back in rows (position ids restart at each sample, attention stays "
+        "within it) instead of padding them to the longest: the same loss without computing on padding.",
+    )
+    packing: bool = field(
+        False,
+        "Pack the whole dataset ahead into rows of --max_seq_length tokens; --per_device_train_batch_size then "
+        "counts rows, so a step sees more samples.",
+    )
+    use_liger_kernel: bool | None = field(
+        None,
+        "Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy). Default: on when CUDA "
+        "and liger-kernel (zhtune[gpu]) are there and Liger supports the model type.",
+    )
+    chunked_loss: bool | None = field(
+        None,
+        "Compute the loss from hidden states a chunk of tokens at a time, never holding full-vocabulary fp32 "
+        "logits. Default: on unless Liger's fused loss is used or the model is sharded (FSDP/DeepSpeed).",
+    )
+    compile_layers: bool = field(
+        False,
+        "torch.compile each decoder layer (one graph shared by all layers; the first steps compile). Liger "
+        "kernels are then off unless asked for, and used only for the loss.",
+    )
     extra: dict[str, Any] = field(
         factory=dict, help="Other transformers.TrainingArguments fields, passed through."
     )

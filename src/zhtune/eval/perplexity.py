@@ -97,6 +97,19 @@ def windows(ids: list[int], size: int, stride: int) -> list[tuple[list[int], int
 
 
 @torch.inference_mode()
+def autocast_for(model: Any):
+    """Autocast to the model's half-precision dtype when it mixes dtypes (a bf16 base with fp32 trainable
+    embeddings, as LoRA + modules_to_save training leaves it); a no-op for a single-dtype model."""
+    import contextlib
+
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    half = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
+    if not half or len(dtypes) == 1:
+        return contextlib.nullcontext()
+    device = next(p.device for p in model.parameters())
+    return torch.autocast(device_type=device.type, dtype=half[0])
+
+
 def window_nll(
     model: Any, items: Sequence[tuple[list[int], int]], batch_size: int = 8, desc: str = "scoring text"
 ) -> tuple[float, int]:
@@ -127,7 +140,8 @@ def window_nll(
         kw = (
             {} if bool(mask.all()) else {"attention_mask": mask.to(device)}
         )  # a mask only where there is padding
-        logits = model(input_ids=x.to(device), **kw).logits[:, :-1].float()
+        with autocast_for(model):
+            logits = model(input_ids=x.to(device), **kw).logits[:, :-1].float()
         tgt = target[:, 1:].to(device)
         total += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum"

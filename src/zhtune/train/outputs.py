@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
-from zhtune.atomic import publish_files, tmp_sibling
+from zhtune.atomic import TMP_PREFIX, publish_files, tmp_sibling
 from zhtune.config.parse import Config, ConfigError, save_config
 from zhtune.data.templates import ChatFormat, save_tokenizer, write_sidecar
 
@@ -27,12 +28,28 @@ def save_final(
     """Adapter (or full model), tokenizer + chat template, resolved config and results, atomically.
 
     ``fmt`` None (pre-training with a tokenizer that has no chat template) writes no template record.
+    In a distributed run with sharded weights (FSDP, DeepSpeed ZeRO) every rank must call it: saving gathers
+    the shards, only the main process writes, and the staging directory has one name all ranks agree on.
+    Otherwise calling it on the main process alone is enough.
     """
     from zhtune.train.trainer import CONFIG_NAME, write_json
 
-    staging = tmp_sibling(out / "final")
-    staging.mkdir(parents=True)
-    trainer.save_model(str(staging))
+    main = trainer.args.should_save
+    # sharded weights (FSDP, DeepSpeed ZeRO) are gathered by every rank; then the ranks must meet here
+    sharded = bool(
+        getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+    )
+    staging = out.parent / f"{TMP_PREFIX}{out.name}-final" if sharded else tmp_sibling(out / "final")
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    if sharded:
+        trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))  # writes on the main process only
+    if not main:
+        if sharded:
+            trainer.accelerator.wait_for_everyone()
+        return
     save_tokenizer(tokenizer, staging)
     if fmt is not None:
         write_sidecar(fmt, staging)
@@ -45,3 +62,5 @@ def save_final(
     write_json(staging / "log_history.json", summary["log_history"])
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the YAML config says the same
     publish_files(staging, out, last=MARKERS)
+    if sharded:
+        trainer.accelerator.wait_for_everyone()

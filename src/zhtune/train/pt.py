@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zhtune.config.args import LoraArgs, ModelArgs, TrainArgs
-from zhtune.config.parse import Config, ConfigError, build, field, parse_cli
+from zhtune.config.parse import Config, ConfigError, field
 from zhtune.data.pt import PtDataArgs
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,9 @@ SECTIONS = {
 
 
 def as_config(cfg: Config | dict[str, Any]) -> Config:
-    if isinstance(cfg, Config):
-        return cfg
-    from zhtune.train.trainer import training_arguments_fields
+    from zhtune.train.trainer import training_config
 
-    return build(SECTIONS, cfg, passthrough={"train": training_arguments_fields()})
+    return training_config(cfg, SECTIONS)
 
 
 def freeze_all_but_embeddings(model: Any, base_rows: int | None) -> list[Any]:
@@ -123,7 +121,11 @@ def prepare_stage(model: Any, cfg: Config, resize: Any) -> Any:
             model.config.use_cache = False
         return model
     kind = "full" if s.stage == "full" else "lora"
-    return prepare_for_training(model, m, dataclasses.replace(lo, finetuning_type=kind), t)
+    from zhtune.model.loader import pick_device
+
+    tokens = t.per_device_train_batch_size * cfg.data.block_size  # unset --gradient_checkpointing: by memory
+    lora = dataclasses.replace(lo, finetuning_type=kind)
+    return prepare_for_training(model, m, lora, t, tokens_per_step=tokens, device=pick_device(m.device))
 
 
 def check_stage(cfg: Config) -> None:
@@ -178,7 +180,10 @@ def main(
     device = pick_device(m.device)
     src = resolve(m.model_name_or_path, m.gguf_file, m.cache_dir)
     tokenizer = load_tokenizer(m, src)
-    train_ds, eval_ds, report = data if data is not None else build_pt_data(tokenizer, d, t.seed)
+    from zhtune.train.launch import main_process_first
+
+    with main_process_first():  # one process tokenizes and fills the cache, the others then read it
+        train_ds, eval_ds, report = data if data is not None else build_pt_data(tokenizer, d, t.seed)
     print(
         f"pre-training data ({report.cached_files} of {report.files} files from cache):\n{report.table()}",
         flush=True,
@@ -229,10 +234,9 @@ def main(
         "data": dataclasses.asdict(report),
         "log_history": trainer.state.log_history,
     }
-    if trainer.args.should_save:
-        tok_dir = m.tokenizer_name_or_path or src.path
-        fmt = get_format(tokenizer, None, directory=tok_dir) if tokenizer.chat_template else None
-        save_final(trainer, tokenizer, fmt, cfg, out, summary)
+    tok_dir = m.tokenizer_name_or_path or src.path
+    fmt = get_format(tokenizer, None, directory=tok_dir) if tokenizer.chat_template else None
+    save_final(trainer, tokenizer, fmt, cfg, out, summary)  # every rank: FSDP gathers the weights
     return summary
 
 
@@ -249,16 +253,9 @@ def results_table(summary: dict[str, Any]) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from zhtune.train.trainer import training_arguments_fields
+    from zhtune.train.trainer import parse_training_cli
 
-    own = {f for cls in SECTIONS.values() for f in cls.__dataclass_fields__}
-    cfg = parse_cli(
-        argv,
-        SECTIONS,
-        prog="zhtune pt",
-        description=DESCRIPTION,
-        passthrough={"train": training_arguments_fields() - own},
-    )
+    cfg = parse_training_cli(argv, SECTIONS, "zhtune pt", DESCRIPTION)
     summary = main(cfg)
     table = results_table(summary)
     if table:

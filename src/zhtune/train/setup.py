@@ -20,8 +20,34 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def prepare_for_training(model: Any, margs: ModelArgs, largs: LoraArgs, targs: TrainArgs) -> Any:
+def resolve_checkpointing(
+    model: Any, largs: LoraArgs, targs: TrainArgs, tokens_per_step: int | None, device: str | None
+) -> bool:
+    """--gradient_checkpointing as given, or (unset) on only when a step would not fit the GPU's memory.
+    The decision is written back into ``targs`` so the saved config records it."""
+    if targs.gradient_checkpointing is None:
+        from zhtune.train.speed import needs_checkpointing
+
+        on, why = needs_checkpointing(
+            model, tokens_per_step or 0, device or "cpu", full=largs.finetuning_type == "full"
+        )
+        log.info("gradient checkpointing %s", why)
+        targs.gradient_checkpointing = on
+    return bool(targs.gradient_checkpointing)
+
+
+def prepare_for_training(
+    model: Any,
+    margs: ModelArgs,
+    largs: LoraArgs,
+    targs: TrainArgs,
+    *,
+    tokens_per_step: int | None = None,
+    device: str | None = None,
+) -> Any:
+    """``tokens_per_step`` and ``device`` let an unset --gradient_checkpointing be decided by memory."""
     quantized = margs.load_in_4bit or margs.load_in_8bit
+    resolve_checkpointing(model, largs, targs, tokens_per_step, device)
     if largs.finetuning_type == "full":
         if quantized:
             from zhtune.config.parse import ConfigError

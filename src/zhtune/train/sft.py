@@ -13,19 +13,25 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.config.args import DataArgs, LoraArgs, ModelArgs, TrainArgs
-from zhtune.config.parse import Config, ConfigError, build, parse_cli
+from zhtune.config.parse import Config, ConfigError
 
 log = logging.getLogger(__name__)
 SECTIONS = {"model": ModelArgs, "data": DataArgs, "lora": LoraArgs, "train": TrainArgs}
 DESCRIPTION = "Instruction-tune a model on Alpaca, ShareGPT or OpenAI-messages data (LoRA, QLoRA or full)."
 
 
-def as_config(cfg: Config | dict[str, Any], sections: dict[str, type] = SECTIONS) -> Config:
-    if isinstance(cfg, Config):
-        return cfg
-    from zhtune.train.trainer import training_arguments_fields
+def say(text: str) -> None:
+    """Print on the main process only (a distributed run has one process per GPU)."""
+    import os
 
-    return build(sections, cfg, passthrough={"train": training_arguments_fields()})
+    if os.environ.get("RANK", "0") == "0":
+        print(text, flush=True)
+
+
+def as_config(cfg: Config | dict[str, Any], sections: dict[str, type] = SECTIONS) -> Config:
+    from zhtune.train.trainer import training_config
+
+    return training_config(cfg, sections)
 
 
 def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
@@ -37,7 +43,9 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     from zhtune.data.templates import attach, get_format
     from zhtune.model.embeddings import fit_embeddings
     from zhtune.model.loader import load_model, load_tokenizer, pick_device, pick_dtype, resolve
+    from zhtune.train.launch import main_process_first
     from zhtune.train.outputs import check_output_dir, save_final
+    from zhtune.train.packing import PackingCollator, pack_dataset
     from zhtune.train.setup import count_parameters, prepare_for_training
     from zhtune.train.trainer import (
         LossCurveCallback,
@@ -61,8 +69,9 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     tok_dir = m.tokenizer_name_or_path or src.path
     fmt = get_format(tokenizer, d.template, directory=tok_dir if Path(tok_dir).is_dir() else None)
     log.info("chat template: %s", fmt.name)
-    train_ds, eval_ds, report = build_sft_data(tokenizer, fmt, d, t.seed)
-    print(f"SFT data ({'from cache' if report.cached else 'tokenized'}):\n{report.table()}", flush=True)
+    with main_process_first():  # one process tokenizes and fills the cache, the others then read it
+        train_ds, eval_ds, report = build_sft_data(tokenizer, fmt, d, t.seed)
+    say(f"SFT data ({'from cache' if report.cached else 'tokenized'}):\n{report.table()}")
 
     mixed = t.bf16 or t.fp16 or (t.bf16 is None and device.startswith("cuda"))
     if lo.finetuning_type == "full" and mixed:
@@ -73,20 +82,31 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     fit_embeddings(
         model, tokenizer, model_path=src.path, tokenizer_name=m.tokenizer_name_or_path, init=m.new_token_init
     )
-    model = prepare_for_training(model, m, lo, t)
+    tokens_per_step = t.per_device_train_batch_size * d.max_seq_length
+    model = prepare_for_training(model, m, lo, t, tokens_per_step=tokens_per_step, device=device)
     n_train, n_total = count_parameters(model)
-    print(
+    say(
         f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / max(n_total, 1):.3f}%)",
-        flush=True,
     )
 
     args = build_training_arguments(t, has_eval=eval_ds is not None, device=device)
-    collator = DataCollatorForSeq2Seq(
-        tokenizer,
-        padding=True,
-        label_pad_token_id=-100,
-        pad_to_multiple_of=8 if device.startswith("cuda") else None,
-    )
+    if t.packing:
+        train_ds = pack_dataset(train_ds, d.max_seq_length, seed=t.seed)
+        say(f"packing: {report.train_samples:,} samples into {len(train_ds):,} rows")
+    if t.padding_free or t.packing:
+        collator = PackingCollator(
+            d.max_seq_length,
+            pad_token_id=tokenizer.pad_token_id,
+            pad_to_multiple_of=64 if device.startswith("cuda") else None,
+        )
+    else:
+        collator = DataCollatorForSeq2Seq(
+            tokenizer,
+            padding=True,
+            label_pad_token_id=-100,
+            pad_to_multiple_of=8 if device.startswith("cuda") else None,
+        )
+    peak = PeakMemoryCallback()
     trainer = ZhTrainer(
         model=model,
         args=args,
@@ -94,7 +114,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[LossCurveCallback(out / "loss_curve.png"), NonFiniteLossCallback(), PeakMemoryCallback()],
+        callbacks=[LossCurveCallback(out / "loss_curve.png"), NonFiniteLossCallback(), peak],
         zh_config=cfg,
     )
     t0 = time.time()
@@ -104,7 +124,8 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
         metrics.update(trainer.evaluate())
     metrics["wall_seconds"] = round(time.time() - t0, 1)
     if torch.cuda.is_available():
-        metrics["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        metrics["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)  # training steps
+        metrics["load_peak_mem_gib"] = peak.load_peak
     attach(fmt, tokenizer)
     summary = {
         "output_dir": str(out),
@@ -113,26 +134,18 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
         "log_history": trainer.state.log_history,
         "template": fmt.name,
     }
-    if trainer.args.should_save:
-        save_final(trainer, tokenizer, fmt, cfg, out, summary)
+    save_final(trainer, tokenizer, fmt, cfg, out, summary)  # every rank: FSDP gathers the weights
     return summary
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from zhtune.train.trainer import training_arguments_fields
+    from zhtune.train.trainer import parse_training_cli
 
-    own = {f for cls in SECTIONS.values() for f in cls.__dataclass_fields__}
-    cfg = parse_cli(
-        argv,
-        SECTIONS,
-        prog="zhtune sft",
-        description=DESCRIPTION,
-        passthrough={"train": training_arguments_fields() - own},
-    )
+    cfg = parse_training_cli(argv, SECTIONS, "zhtune sft", DESCRIPTION)
     summary = main(cfg)
     met = summary["metrics"]
     parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in met.items() if "loss" in k]
-    print(f"done: {', '.join(parts)}; outputs in {summary['output_dir']}")
+    say(f"done: {', '.join(parts)}; outputs in {summary['output_dir']}")
     return 0
 
 

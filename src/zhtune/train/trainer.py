@@ -36,12 +36,35 @@ def training_arguments_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
+def _passthrough(sections: dict[str, type]) -> dict[str, set[str]]:
+    own = {f for cls in sections.values() for f in cls.__dataclass_fields__}
+    return {"train": training_arguments_fields() - own}
+
+
+def training_config(cfg: Config | dict[str, Any], sections: dict[str, type]) -> Config:
+    """A training command's config from a Config or a dict; other TrainingArguments fields pass through."""
+    if isinstance(cfg, Config):
+        return cfg
+    from zhtune.config.parse import build
+
+    return build(sections, cfg, passthrough=_passthrough(sections))
+
+
+def parse_training_cli(
+    argv: list[str] | None, sections: dict[str, type], prog: str, description: str
+) -> Config:
+    from zhtune.config.parse import parse_cli
+
+    return parse_cli(argv, sections, prog=prog, description=description, passthrough=_passthrough(sections))
+
+
 def build_training_arguments(t: TrainArgs, *, has_eval: bool, device: str) -> TrainingArguments:
     bf16 = t.bf16
     if bf16 is None:
         bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported() and not t.fp16
     if (bf16 or t.fp16) and device == "cpu" and t.fp16:
         raise ConfigError("--fp16 needs a GPU; on CPU train in float32 (the default) or --bf16")
+    check_deepspeed(t.deepspeed)
     eval_steps = t.eval_steps or t.save_steps
     kw: dict[str, Any] = dict(
         output_dir=t.output_dir,
@@ -65,12 +88,15 @@ def build_training_arguments(t: TrainArgs, *, has_eval: bool, device: str) -> Tr
         fp16=t.fp16,
         seed=t.seed,
         data_seed=t.seed,
-        optim=t.optim,
+        optim=resolve_optim(t.optim, device),
         dataloader_num_workers=t.dataloader_num_workers,
         report_to=t.report_to or "none",
         deepspeed=t.deepspeed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         remove_unused_columns=False,
+        # the NaN filter reads the loss every step, a GPU sync that stalls the queue; NonFiniteLossCallback
+        # stops the run at the first logged NaN/inf instead
+        logging_nan_inf_filter=False,
         disable_tqdm=False,
         use_cpu=(device == "cpu"),
     )
@@ -82,6 +108,32 @@ def build_training_arguments(t: TrainArgs, *, has_eval: bool, device: str) -> Tr
         return TrainingArguments(**kw)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"invalid training options: {e}") from None
+
+
+def check_deepspeed(path: str | None) -> None:
+    """--deepspeed: the JSON must exist and parse, and deepspeed must be installed (it is not a dependency)."""
+    if not path:
+        return
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"--deepspeed {path}: no such file (configs/deepspeed/ in the zhtune repository has "
+            "ds_zero2_no_offload.json, ds_zero3.json and ds_zero3_offload.json)"
+        )
+    try:
+        json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed {path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    from zhtune.deps import require
+
+    require("deepspeed", "--deepspeed")
+
+
+def resolve_optim(optim: str, device: str) -> str:
+    """auto: fused AdamW on a GPU (one kernel for all parameters), the plain one elsewhere."""
+    if optim != "auto":
+        return optim
+    return "adamw_torch_fused" if device.startswith("cuda") else "adamw_torch"
 
 
 def resolve_resume(t: TrainArgs) -> str | None:
@@ -107,11 +159,34 @@ def resolve_resume(t: TrainArgs) -> str | None:
 
 
 class ZhTrainer(Trainer):
-    """Trainer whose checkpoints appear atomically and carry the resolved zhtune config."""
+    """Trainer whose checkpoints appear atomically and carry the resolved zhtune config, with the speed
+    settings of train.speed applied (Liger kernels, chunked loss, bf16 adapter inputs, compiled layers)."""
 
     def __init__(self, *args: Any, zh_config: Config | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.zh_config = zh_config
+        from zhtune.train import speed
+
+        t = getattr(zh_config, "train", None) if zh_config is not None else None
+        attn = getattr(getattr(zh_config, "model", None), "attn_implementation", None)
+        self.speed = speed.plan(self.model, self.args, t, attn_requested=attn)
+        if self.args.should_log:
+            log.info("speed: %s", self.speed.summary())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        if self.speed.loss != "chunked" or "labels" not in inputs or not torch.is_grad_enabled():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from zhtune.train.loss import capture_final_hidden, head_weight, linear_cross_entropy
+
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        unwrapped = self.accelerator.unwrap_model(model)
+        with capture_final_hidden(unwrapped) as box:
+            outputs = model(**inputs, logits_to_keep=1)
+        loss = linear_cross_entropy(box["hidden"], head_weight(unwrapped), labels, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -170,11 +245,23 @@ class LossCurveCallback(TrainerCallback):
 
 
 class PeakMemoryCallback(TrainerCallback):
-    """Adds the peak GPU memory so far (GiB, weights included) to every log line on CUDA."""
+    """Adds the peak GPU memory of training so far (GiB, weights included) to every log line on CUDA. The
+    peak of loading (a quantized base passes through half precision shard by shard) is logged once as
+    load_peak_mem_gib, then the counter restarts so the training peak is what a step needs."""
+
+    def __init__(self) -> None:
+        self.load_peak: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        if torch.cuda.is_available() and self.load_peak is None:
+            self.load_peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats()
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
         if logs is not None and torch.cuda.is_available():
             logs["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            if self.load_peak is not None:
+                logs["load_peak_mem_gib"] = self.load_peak
 
 
 class NonFiniteLossCallback(TrainerCallback):
