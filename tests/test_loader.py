@@ -158,3 +158,30 @@ def test_peft_wraps_baichuan_w_pack():
     )
     names = [n for n, _ in m.named_parameters() if "lora_A" in n]
     assert any("W_pack" in n for n in names) and not any("lm_head" in n for n in names)
+
+
+@pytest.mark.parametrize("arch", ["rwkv7", "not-a-model"])
+def test_gguf_of_unsupported_architecture_fails_before_loading(tmp_path, arch):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = tmp_path / "other.gguf"
+    w = GGUFWriter(str(path), arch)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    args = ModelArgs(model_name_or_path=str(path), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(
+        ConfigError, match=rf"other\.gguf: GGUF architecture '{arch}' is not one transformers"
+    ):
+        loader.load(args)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("config.json"))
+
+
+def test_a_file_that_is_not_gguf_is_named(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(ConfigError, match=r"broken\.gguf is not a readable GGUF file"):
+        loader.load(ModelArgs(model_name_or_path=str(path), cache_dir=str(tmp_path / "cache")))

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from zhtune.atomic import atomic_dir
+from zhtune.config.parse import ConfigError
 from zhtune.deps import MissingDependency
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,33 @@ def converted_dir(gguf_path: Path, cache_dir: str | None = None) -> Path:
     return cache_root(cache_dir) / "models" / f"{gguf_path.stem}-{_key(gguf_path)}"
 
 
+def gguf_architecture(gguf_path: Path) -> str:
+    """``general.architecture`` of a GGUF file, read from its header (the tensors stay memory-mapped)."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(gguf_path), "r").fields.get("general.architecture")
+    except Exception as e:  # not a GGUF file, or a truncated one
+        raise ConfigError(f"{gguf_path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+    if field is None:
+        raise ConfigError(f"{gguf_path} has no general.architecture in its metadata; it is not a model GGUF")
+    return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+
+
+def check_gguf_architecture(gguf_path: Path) -> str:
+    """Fail before any tensor is read when transformers cannot load this GGUF's architecture."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    arch = gguf_architecture(gguf_path)
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"{gguf_path}: GGUF architecture {arch!r} is not one transformers can load "
+            f"({', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); convert the original Hugging Face "
+            "checkpoint instead, or pass a model directory"
+        )
+    return arch
+
+
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF checkpoint through transformers and save it as an HF directory."""
     import torch
@@ -65,6 +93,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     from zhtune.deps import require
 
     require("gguf", "reading GGUF files")
+    check_gguf_architecture(gguf_path)
     log.info("converting %s to a cached HF directory (once)", gguf_path)
     parent, name = str(gguf_path.parent), gguf_path.name
     tok = AutoTokenizer.from_pretrained(parent, gguf_file=name)
