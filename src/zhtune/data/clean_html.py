@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from zhtune.config.parse import Config, field
-from zhtune.data.formats import map_texts
 from zhtune.data.pipeline import (
     InputArgs,
     OutputArgs,
@@ -22,7 +21,7 @@ from zhtune.data.pipeline import (
     Summary,
     Tool,
     as_config,
-    messages,
+    edit_texts,
     run,
     tool_cli,
 )
@@ -113,13 +112,7 @@ class CleanHtml(Tool):
         return text
 
     def apply(self, rec: Any) -> Result:
-        fmt, _ = messages(rec, check=False)
-        new, changed = map_texts(rec, fmt, self.text)
-        try:
-            messages(new)
-        except ValueError as e:
-            return Result([], f"unusable after cleaning ({str(e).split(' (')[0]})", fmt=fmt)
-        return Result([new], changed=changed, fmt=fmt)
+        return edit_texts(rec, self.text, "cleaning", check=False)
 
 
 def main(cfg: Config | dict[str, Any]) -> Summary:

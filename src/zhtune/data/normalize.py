@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from zhtune.config.parse import Config, field
-from zhtune.data.formats import map_texts
 from zhtune.data.pipeline import (
     InputArgs,
     OutputArgs,
@@ -24,7 +23,7 @@ from zhtune.data.pipeline import (
     Summary,
     Tool,
     as_config,
-    messages,
+    edit_texts,
     run,
     tool_cli,
 )
@@ -106,13 +105,7 @@ class Normalize(Tool):
         return text
 
     def apply(self, rec: Any) -> Result:
-        fmt, _ = messages(rec)
-        new, changed = map_texts(rec, fmt, self.text)
-        try:
-            messages(new)
-        except ValueError as e:
-            return Result([], f"unusable after normalizing ({str(e).split(' (')[0]})", fmt=fmt)
-        return Result([new], changed=changed, fmt=fmt)
+        return edit_texts(rec, self.text, "normalizing")
 
 
 def main(cfg: Config | dict[str, Any]) -> Summary:

@@ -106,6 +106,36 @@ def messages(rec: Any, check: bool = True) -> tuple[str, list[dict]]:
         raise BadRecord(str(e)) from None
 
 
+def edit_texts(rec: Any, edit: Any, doing: str, *, check: bool = True) -> Result:
+    """Apply ``edit(text, role)`` to every message text of a record, in its own format; a record that is no
+    longer a valid conversation afterwards is dropped with the reason."""
+    from zhtune.data.formats import map_texts
+
+    fmt, _ = messages(rec, check=check)
+    new, changed = map_texts(rec, fmt, edit)
+    try:
+        messages(new)
+    except ValueError as e:
+        return Result([], f"unusable after {doing} ({str(e).split(' (')[0]})", fmt=fmt)
+    return Result([new], changed=changed, fmt=fmt)
+
+
+def parse_batch(recs: list[Any]) -> tuple[list[Any], list[str]]:
+    """Each record as (format, messages) or its error message, and every message text in order (for one
+    batched tokenizer call)."""
+    parsed: list[Any] = []
+    texts: list[str] = []
+    for rec in recs:
+        try:
+            fmt, msgs = messages(rec)
+        except ValueError as e:
+            parsed.append(str(e))
+            continue
+        parsed.append((fmt, msgs))
+        texts += [m["content"] for m in msgs]
+    return parsed, texts
+
+
 class Tool:
     """Base class: override ``apply`` (or ``apply_batch``), optionally ``setup``, ``reduce``, ``finish``."""
 

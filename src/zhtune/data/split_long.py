@@ -25,7 +25,7 @@ from zhtune.data.pipeline import (
     Summary,
     Tool,
     as_config,
-    messages,
+    parse_batch,
     run,
     tool_cli,
 )
@@ -102,16 +102,7 @@ class SplitLong(Tool):
         self.tok = load_counting_tokenizer(self.args.model_name_or_path, self.args.tokenizer_name_or_path)
 
     def apply_batch(self, recs: list[Any]) -> list[Result | str]:
-        parsed: list[Any] = []
-        texts: list[str] = []
-        for rec in recs:
-            try:
-                fmt, msgs = messages(rec)
-            except ValueError as e:
-                parsed.append(str(e))
-                continue
-            parsed.append((fmt, msgs))
-            texts += [m["content"] for m in msgs]
+        parsed, texts = parse_batch(recs)
         lens = iter(n + self.args.turn_overhead for n in count_tokens(self.tok, texts))
         out: list[Result | str] = []
         for rec, p in zip(recs, parsed):

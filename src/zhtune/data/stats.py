@@ -24,7 +24,7 @@ from zhtune.data.pipeline import (
     Summary,
     Tool,
     as_config,
-    messages,
+    parse_batch,
     run,
     save_report,
 )
@@ -92,16 +92,7 @@ class Stats(Tool):
             self.lang = LangId()
 
     def apply_batch(self, recs: list[Any]) -> list[Result | str]:
-        parsed: list[Any] = []
-        texts: list[str] = []
-        for rec in recs:
-            try:
-                fmt, msgs = messages(rec)
-            except ValueError as e:
-                parsed.append(str(e))
-                continue
-            parsed.append((fmt, msgs))
-            texts += [m["content"] for m in msgs]
+        parsed, texts = parse_batch(recs)
         if self.tok is not None:
             from zhtune.data.split_long import count_tokens
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zhtune.config.args import LoraArgs, ModelArgs, TrainArgs
-from zhtune.config.parse import Config, ConfigError, build, field, parse_cli
+from zhtune.config.parse import Config, ConfigError, field
 from zhtune.data.pt import PtDataArgs
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,9 @@ SECTIONS = {
 
 
 def as_config(cfg: Config | dict[str, Any]) -> Config:
-    if isinstance(cfg, Config):
-        return cfg
-    from zhtune.train.trainer import training_arguments_fields
+    from zhtune.train.trainer import training_config
 
-    return build(SECTIONS, cfg, passthrough={"train": training_arguments_fields()})
+    return training_config(cfg, SECTIONS)
 
 
 def freeze_all_but_embeddings(model: Any, base_rows: int | None) -> list[Any]:
@@ -254,16 +252,9 @@ def results_table(summary: dict[str, Any]) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from zhtune.train.trainer import training_arguments_fields
+    from zhtune.train.trainer import parse_training_cli
 
-    own = {f for cls in SECTIONS.values() for f in cls.__dataclass_fields__}
-    cfg = parse_cli(
-        argv,
-        SECTIONS,
-        prog="zhtune pt",
-        description=DESCRIPTION,
-        passthrough={"train": training_arguments_fields() - own},
-    )
+    cfg = parse_training_cli(argv, SECTIONS, "zhtune pt", DESCRIPTION)
     summary = main(cfg)
     table = results_table(summary)
     if table:

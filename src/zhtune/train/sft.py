@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.config.args import DataArgs, LoraArgs, ModelArgs, TrainArgs
-from zhtune.config.parse import Config, ConfigError, build, parse_cli
+from zhtune.config.parse import Config, ConfigError
 
 log = logging.getLogger(__name__)
 SECTIONS = {"model": ModelArgs, "data": DataArgs, "lora": LoraArgs, "train": TrainArgs}
@@ -29,11 +29,9 @@ def say(text: str) -> None:
 
 
 def as_config(cfg: Config | dict[str, Any], sections: dict[str, type] = SECTIONS) -> Config:
-    if isinstance(cfg, Config):
-        return cfg
-    from zhtune.train.trainer import training_arguments_fields
+    from zhtune.train.trainer import training_config
 
-    return build(sections, cfg, passthrough={"train": training_arguments_fields()})
+    return training_config(cfg, sections)
 
 
 def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
@@ -140,16 +138,9 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from zhtune.train.trainer import training_arguments_fields
+    from zhtune.train.trainer import parse_training_cli
 
-    own = {f for cls in SECTIONS.values() for f in cls.__dataclass_fields__}
-    cfg = parse_cli(
-        argv,
-        SECTIONS,
-        prog="zhtune sft",
-        description=DESCRIPTION,
-        passthrough={"train": training_arguments_fields() - own},
-    )
+    cfg = parse_training_cli(argv, SECTIONS, "zhtune sft", DESCRIPTION)
     summary = main(cfg)
     met = summary["metrics"]
     parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in met.items() if "loss" in k]

@@ -41,6 +41,28 @@ def training_arguments_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
+def _passthrough(sections: dict[str, type]) -> dict[str, set[str]]:
+    own = {f for cls in sections.values() for f in cls.__dataclass_fields__}
+    return {"train": training_arguments_fields() - own}
+
+
+def training_config(cfg: Config | dict[str, Any], sections: dict[str, type]) -> Config:
+    """A training command's config from a Config or a dict; other TrainingArguments fields pass through."""
+    if isinstance(cfg, Config):
+        return cfg
+    from zhtune.config.parse import build
+
+    return build(sections, cfg, passthrough=_passthrough(sections))
+
+
+def parse_training_cli(
+    argv: list[str] | None, sections: dict[str, type], prog: str, description: str
+) -> Config:
+    from zhtune.config.parse import parse_cli
+
+    return parse_cli(argv, sections, prog=prog, description=description, passthrough=_passthrough(sections))
+
+
 def build_training_arguments(t: TrainArgs, *, has_eval: bool, device: str) -> TrainingArguments:
     bf16 = t.bf16
     if bf16 is None:
