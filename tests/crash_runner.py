@@ -125,6 +125,7 @@ def inject(kill: dict) -> None:
 
         zhtune.train.guard.remove_dir = remove_dir
     elif kind == "final_publish":  # the final outputs: half of the files moved into the output directory
+
         def publish_files(staging, dest, last=()):  # noqa: ANN001
             dest.mkdir(parents=True, exist_ok=True)
             names = sorted(p.name for p in staging.iterdir())
@@ -212,13 +213,19 @@ def check_checkpoints(out: Path) -> list[str]:
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    f = out / ("adapter_model.safetensors" if (out / "adapter_model.safetensors").is_file() else "model.safetensors")
+    f = out / (
+        "adapter_model.safetensors" if (out / "adapter_model.safetensors").is_file() else "model.safetensors"
+    )
     return safetensors.torch.load_file(str(f))
 
 
 def curve(out: Path) -> list[dict]:
     hist = json.loads((out / "log_history.json").read_text())
-    return [{k: h[k] for k in ("step", "loss", "grad_norm", "learning_rate") if k in h} for h in hist if "loss" in h]
+    return [
+        {k: h[k] for k in ("step", "loss", "grad_norm", "learning_rate") if k in h}
+        for h in hist
+        if "loss" in h
+    ]
 
 
 def scenario(s: dict, root: Path, rng: random.Random) -> dict:
@@ -238,7 +245,9 @@ def scenario(s: dict, root: Path, rng: random.Random) -> dict:
             kill = {**kill, "after_s": round(delay, 3)}
         else:
             status = wait(run_child(kind, run_cfg, kill))
-        leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith(".tmp-")) if out.is_dir() else []
+        leftovers = (
+            sorted(p.name for p in out.iterdir() if p.name.startswith(".tmp-")) if out.is_dir() else []
+        )
         kills.append(
             {
                 **kill,
@@ -262,7 +271,9 @@ def scenario(s: dict, root: Path, rng: random.Random) -> dict:
         "reference_curve": curve(ref),
         "tmp_leftovers_after_resume": sorted(p.name for p in out.iterdir() if p.name.startswith(".tmp-")),
         "final_checkpoints": [p.name for _, p in zhtune.train.guard.checkpoints(out)],
-        "pickles": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.suffix in (".pt", ".pth", ".bin")),
+        "pickles": sorted(
+            str(p.relative_to(out)) for p in out.rglob("*") if p.suffix in (".pt", ".pth", ".bin")
+        ),
     }
 
 

@@ -97,12 +97,12 @@ class LossGuard(TrainerCallback):
                 "intact. Lower --learning_rate or check the data"
             )
 
+    def log_fields(self) -> dict[str, Any]:
+        """Added to every training log entry (ZhTrainer.log), before it enters the log history."""
+        return {"skipped_steps": self.skipped} if self.policy == "skip" else {}
+
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-        if logs is None:
-            return
-        if self.policy == "skip":
-            logs["skipped_steps"] = self.skipped
-        else:
+        if self.policy == "stop":
             self.check(args.output_dir, "when logging")
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
@@ -152,11 +152,9 @@ class LossScaleMonitor(TrainerCallback):
                 f"{output_dir} is intact"
             )
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+    def log_fields(self) -> dict[str, Any]:
         s = self.scale()
-        if logs is not None and s is not None:
-            logs["loss_scale"] = s
-            logs["overflow_steps"] = self.overflows
+        return {} if s is None else {"loss_scale": s, "overflow_steps": self.overflows}
 
 
 def save_failure(e: BaseException, target: str, previous: str | None) -> TrainingStopped:
@@ -174,7 +172,7 @@ def save_failure(e: BaseException, target: str, previous: str | None) -> Trainin
         fix = "fix the cause"
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
     return TrainingStopped(
-        f"could not write {target}: {why}. The partial checkpoint was removed and {kept}; {fix}, then run again "
+        f"could not write {target}: {why}. The partial copy was removed and {kept}; {fix}, then run again "
         "with --resume_from_checkpoint true"
     )
 

@@ -215,6 +215,13 @@ class ZhTrainer(Trainer):
         if self.args.should_log:
             log.info("speed: %s", self.speed.summary())
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # training logs carry the guards' counters (skipped steps, fp16 loss scale)
+            for cb in self.callback_handler.callbacks:
+                if hasattr(cb, "log_fields"):
+                    logs.update(cb.log_fields())
+        super().log(logs, *args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         out = self._loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training and torch.is_grad_enabled():
