@@ -176,7 +176,9 @@ class TrainArgs:
         "on a GPU, adamw_torch elsewhere.",
     )
     resume_from_checkpoint: str | None = field(
-        None, "A checkpoint directory, or 'true' for the newest complete one in --output_dir."
+        None,
+        "A checkpoint directory, 'true' for the newest complete one in --output_dir, or 'auto': the newest "
+        "if there is one, else start from the beginning (for jobs restarted after preemption).",
     )
     dataloader_num_workers: int = field(0, "Worker processes for data loading.")
     report_to: list[str] = field(factory=lambda: ["tensorboard"], help="Loggers: tensorboard, wandb, none.")
@@ -207,6 +209,12 @@ class TrainArgs:
         "torch.compile each decoder layer (one graph shared by all layers; the first steps compile). Liger "
         "kernels are then off unless asked for, and used only for the loss.",
     )
+    nan_policy: Literal["stop", "skip"] = field(
+        "stop",
+        "A NaN or inf training loss: stop, naming the step (no checkpoint after it is written), or skip: drop "
+        "that step's update, count it (skipped_steps in the logs) and go on.",
+    )
+    max_skipped_steps: int = field(10, "With --nan_policy skip: stop once more steps than this were skipped.")
     extra: dict[str, Any] = field(
         factory=dict, help="Other transformers.TrainingArguments fields, passed through."
     )
@@ -224,6 +232,8 @@ class TrainArgs:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if self.max_skipped_steps < 0:
+            raise ConfigError(f"--max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         if self.report_to == ["none"]:
             self.report_to = []
 

@@ -83,7 +83,9 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any]]:
 
 
 def iter_jsonl_lines(path: str | Path, text: str) -> Iterator[tuple[int, Any, str | None]]:
-    for i, line in enumerate(text.splitlines(), start=1):
+    # lines end at "\n" only (CRLF leaves "\r", which JSON reads as whitespace): str.splitlines would also
+    # split inside strings at U+2028, U+0085 and other characters JSON allows unescaped
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

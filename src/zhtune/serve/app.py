@@ -336,7 +336,13 @@ def create_app(server: Server, *, max_request_bytes: int = 1 << 20) -> FastAPI:
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         prompts = req.prompts()
+        vocab = server.engine.model.get_input_embeddings().num_embeddings
+        for p in prompts:
+            if isinstance(p, list) and not all(0 <= t < vocab for t in p):
+                raise APIError(400, f"prompt: token ids must lie in [0, {vocab})", param="prompt")
         ids_list = [p if isinstance(p, list) else server.engine.text_ids(p) for p in prompts]
+        if not all(ids_list):
+            raise APIError(400, "prompt: an empty prompt (no tokens) has nothing to continue", param="prompt")
         texts = [p if isinstance(p, str) else server.engine.tok.decode(p) for p in prompts]
         jobs = [server.new_job(ids, req, req.max_tokens, chat=False) for ids in ids_list]
         close = server.submit(jobs, server.admit(len(jobs)))

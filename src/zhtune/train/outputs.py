@@ -32,8 +32,6 @@ def save_final(
     the shards, only the main process writes, and the staging directory has one name all ranks agree on.
     Otherwise calling it on the main process alone is enough.
     """
-    from zhtune.train.trainer import CONFIG_NAME, write_json
-
     main = trainer.args.should_save
     # sharded weights (FSDP, DeepSpeed ZeRO) are gathered by every rank; then the ranks must meet here
     sharded = bool(
@@ -45,10 +43,36 @@ def save_final(
         staging.mkdir(parents=True)
     if sharded:
         trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # writes on the main process only
+    try:
+        _write_final(trainer, tokenizer, fmt, cfg, staging, summary, main)
+    except OSError as e:  # disk full, quota, permissions: the staged copy goes, the checkpoints stay
+        from zhtune.train.guard import checkpoints, save_failure
+
+        shutil.rmtree(staging, ignore_errors=True)
+        ck = checkpoints(out)
+        raise save_failure(e, f"the final outputs in {out}", str(ck[-1][1]) if ck else None) from e
     if not main:
         if sharded:
             trainer.accelerator.wait_for_everyone()
+        return
+    publish_files(staging, out, last=MARKERS)
+    if sharded:
+        trainer.accelerator.wait_for_everyone()
+
+
+def _write_final(
+    trainer: Any,
+    tokenizer: Any,
+    fmt: ChatFormat | None,
+    cfg: Config,
+    staging: Path,
+    summary: dict[str, Any],
+    main: bool,
+) -> None:
+    from zhtune.train.trainer import CONFIG_NAME, write_json
+
+    trainer.save_model(str(staging))  # writes on the main process only
+    if not main:
         return
     save_tokenizer(tokenizer, staging)
     if fmt is not None:
@@ -61,6 +85,3 @@ def save_final(
     write_json(staging / "train_results.json", {k: v for k, v in summary.items() if k != "log_history"})
     write_json(staging / "log_history.json", summary["log_history"])
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the YAML config says the same
-    publish_files(staging, out, last=MARKERS)
-    if sharded:
-        trainer.accelerator.wait_for_everyone()

@@ -164,7 +164,6 @@ def main(
     from zhtune.train.setup import count_parameters
     from zhtune.train.trainer import (
         LossCurveCallback,
-        NonFiniteLossCallback,
         ZhTrainer,
         build_training_arguments,
         resolve_resume,
@@ -209,7 +208,7 @@ def main(
         eval_dataset=eval_ds,
         data_collator=BlockCollator(),
         processing_class=tokenizer,
-        callbacks=[LossCurveCallback(out / "loss_curve.png"), NonFiniteLossCallback(), *(callbacks or [])],
+        callbacks=[LossCurveCallback(out / "loss_curve.png"), *(callbacks or [])],
         zh_config=cfg,
     )
     eval_bs = t.per_device_eval_batch_size or t.per_device_train_batch_size

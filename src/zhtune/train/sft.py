@@ -49,7 +49,6 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     from zhtune.train.setup import count_parameters, prepare_for_training
     from zhtune.train.trainer import (
         LossCurveCallback,
-        NonFiniteLossCallback,
         PeakMemoryCallback,
         ZhTrainer,
         build_training_arguments,
@@ -114,7 +113,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
         eval_dataset=eval_ds,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[LossCurveCallback(out / "loss_curve.png"), NonFiniteLossCallback(), peak],
+        callbacks=[LossCurveCallback(out / "loss_curve.png"), peak],
         zh_config=cfg,
     )
     t0 = time.time()

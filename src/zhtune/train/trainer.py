@@ -1,17 +1,21 @@
-"""Hugging Face Trainer with crash-safe checkpoints, a loss-curve PNG and a clear resume story.
+"""Hugging Face Trainer with crash-safe, pickle-free checkpoints, a loss-curve PNG and a clear resume story.
 
-* A checkpoint is written to ``.tmp-checkpoint-N`` and renamed to ``checkpoint-N`` once complete, so a kill
-  never leaves a half-written ``checkpoint-N`` for a resume to trip over; leftovers are cleaned up.
-* ``--resume_from_checkpoint true`` picks the newest complete checkpoint; a named one is checked first.
-* Rotation (``--save_total_limit``) runs only after the new checkpoint is in place and sorts by step, so the
-  checkpoint a resume needs is never the one deleted.
+* A checkpoint is written to ``.tmp-checkpoint-N`` and renamed to ``checkpoint-N`` once complete and flushed
+  to disk, so a kill never leaves a half-written ``checkpoint-N`` for a resume to trip over; leftovers are
+  cleaned up. A write that fails (disk full) removes the partial copy and stops with a clear error.
+* Optimizer, scheduler, scaler and RNG states are safetensors + JSON (train.state), so resuming is exact and
+  reads no pickle; legacy pickles are read only with ``--allow_pickle`` (and then weights_only).
+* ``--resume_from_checkpoint true`` picks the newest complete checkpoint; ``auto`` also starts fresh when
+  there is none; a named one is checked first.
+* Rotation (``--save_total_limit``) runs only after the new checkpoint is in place, sorts by step and never
+  deletes the checkpoint just written, so the checkpoint a resume needs is never the one deleted.
+* NaN/inf losses and fp16 overflow are handled by train.guard (``--nan_policy stop|skip``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -19,7 +23,8 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.training_args import ParallelMode
 
 from zhtune.atomic import TMP_PREFIX, clean_stale_tmp, fsync_tree
 from zhtune.config.args import TrainArgs
@@ -94,9 +99,9 @@ def build_training_arguments(t: TrainArgs, *, has_eval: bool, device: str) -> Tr
         deepspeed=t.deepspeed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         remove_unused_columns=False,
-        # the NaN filter reads the loss every step, a GPU sync that stalls the queue; NonFiniteLossCallback
-        # stops the run at the first logged NaN/inf instead
-        logging_nan_inf_filter=False,
+        # the NaN filter reads the loss every step, a GPU sync that stalls the queue; train.guard records the
+        # first NaN/inf on the device instead. --nan_policy skip syncs every step anyway, so it filters the log
+        logging_nan_inf_filter=t.nan_policy == "skip",
         disable_tqdm=False,
         use_cpu=(device == "cpu"),
     )
@@ -137,7 +142,13 @@ def resolve_optim(optim: str, device: str) -> str:
 
 
 def resolve_resume(t: TrainArgs) -> str | None:
-    """The checkpoint to resume from, or None. Cleans leftovers of a killed save first."""
+    """The checkpoint to resume from, or None. Cleans leftovers of a killed save first.
+
+    ``true``/``latest``: the newest complete checkpoint (an error if there is none); ``auto``: the same, or a
+    fresh start when there is none (for jobs that are restarted after preemption); a path: that checkpoint.
+    """
+    from zhtune.train.guard import checkpoints
+
     out = Path(t.output_dir)
     removed = clean_stale_tmp(out)
     for r in removed:
@@ -145,35 +156,79 @@ def resolve_resume(t: TrainArgs) -> str | None:
     value = t.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", "no", "none"):
         return None
-    if str(value).lower() in ("true", "yes", "1", "latest"):
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if last is None:
-            raise ConfigError(
-                f"--resume_from_checkpoint true, but {out} holds no complete checkpoint-N directory"
-            )
-        return last
+    complete = [p for _, p in checkpoints(out) if (p / TRAINER_STATE).is_file()]
+    if str(value).lower() in ("true", "yes", "1", "latest", "auto"):
+        if complete:
+            return str(complete[-1])
+        if str(value).lower() == "auto":
+            log.info("no checkpoint in %s: starting from the beginning", out)
+            return None
+        raise ConfigError(
+            f"--resume_from_checkpoint {value}, but {out} holds no complete checkpoint-N directory "
+            "(--resume_from_checkpoint auto starts from the beginning when there is none)"
+        )
     path = Path(value)
     if not path.is_dir() or not (path / TRAINER_STATE).is_file():
         raise ConfigError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINER_STATE})")
+    later = [
+        p.name for p in complete if p.parent.resolve() == path.parent.resolve() and _step(p) > _step(path)
+    ]
+    if later:
+        log.warning(
+            "resuming from %s although %s exist: those belong to the run being rolled back and are deleted when "
+            "this run writes its first checkpoint (copy them elsewhere to keep them)",
+            path.name,
+            ", ".join(later),
+        )
     return str(path)
 
 
+def _step(p: Path) -> int:
+    tail = p.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
 class ZhTrainer(Trainer):
-    """Trainer whose checkpoints appear atomically and carry the resolved zhtune config, with the speed
-    settings of train.speed applied (Liger kernels, chunked loss, bf16 adapter inputs, compiled layers)."""
+    """Trainer whose checkpoints appear atomically, hold no pickle and carry the resolved zhtune config, that
+    stops cleanly on NaN losses, fp16 overflow and failed writes, with the speed settings of train.speed
+    applied (Liger kernels, chunked loss, bf16 adapter inputs, compiled layers).
+
+    Optimizer, scheduler, scaler and RNG states are written as safetensors + JSON (train.state) instead of
+    Hugging Face's ``torch.save`` pickles. Under FSDP and DeepSpeed the optimizer (and, under FSDP, model
+    shards) are saved by accelerate/DeepSpeed in their own torch formats, which use pickle: see the README.
+    """
 
     def __init__(self, *args: Any, zh_config: Config | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.zh_config = zh_config
         from zhtune.train import speed
+        from zhtune.train.guard import LossGuard, LossScaleMonitor
 
         t = getattr(zh_config, "train", None) if zh_config is not None else None
         attn = getattr(getattr(zh_config, "model", None), "attn_implementation", None)
+        self.allow_pickle = bool(getattr(getattr(zh_config, "model", None), "allow_pickle", False))
+        self.guard = LossGuard(getattr(t, "nan_policy", "stop"), getattr(t, "max_skipped_steps", 10))
+        self.add_callback(self.guard)
+        if self.args.fp16:
+            self.add_callback(LossScaleMonitor(lambda: getattr(self.accelerator, "scaler", None)))
         self.speed = speed.plan(self.model, self.args, t, attn_requested=attn)
         if self.args.should_log:
             log.info("speed: %s", self.speed.summary())
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # training logs carry the guards' counters (skipped steps, fp16 loss scale)
+            for cb in self.callback_handler.callbacks:
+                if hasattr(cb, "log_fields"):
+                    logs.update(cb.log_fields())
+        super().log(logs, *args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        out = self._loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training and torch.is_grad_enabled():
+            self.guard.observe(out[0] if return_outputs else out, self.state.global_step + 1)
+        return out
+
+    def _loss(self, model, inputs, return_outputs, num_items_in_batch):  # noqa: ANN001
         if self.speed.loss != "chunked" or "labels" not in inputs or not torch.is_grad_enabled():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         from zhtune.train.loss import capture_final_hidden, head_weight, linear_cross_entropy
@@ -188,45 +243,157 @@ class ZhTrainer(Trainer):
             loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
 
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # resumed from a checkpoint of the last step (a run killed while writing its final outputs): Trainer
+        # would still take one step more before it notices the end, unless the checkpoint ends an epoch
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    # ---- checkpoints: atomic, safetensors + JSON, clear errors ----
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Weights (safetensors) and tokenizer; unlike Trainer._save, no pickled training_args.bin."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        from zhtune.train.guard import checkpoints, remove_dir, rotate, save_failure
+
+        self.guard.check(self.args.output_dir, f"before writing checkpoint-{self.state.global_step}")
         folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
         run_dir = self._get_output_dir(trial=trial)
         final = os.path.join(run_dir, folder)
         tmp = os.path.join(run_dir, TMP_PREFIX + folder)
+        previous = [str(p) for _, p in checkpoints(run_dir) if p.name != folder]
         if self.args.should_save and os.path.isdir(tmp):
             shutil.rmtree(tmp)
         self.accelerator.wait_for_everyone()
-        self.save_model(tmp, _internal_call=True)
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(tmp)
-            self._save_scaler(tmp)
-            self._save_rng_state(tmp)
-        if self.args.should_save:
-            Path(tmp, "training_args.bin").unlink(
-                missing_ok=True
-            )  # a pickle; zhtune_config.yaml says the same
-            self.state.save_to_json(os.path.join(tmp, TRAINER_STATE))
-            if self.zh_config is not None:
-                save_config(self.zh_config, Path(tmp) / CONFIG_NAME)
+        try:
+            self.save_model(tmp, _internal_call=True)
+            if not self.args.save_only_model:
+                self._save_optimizer_and_scheduler(tmp)
+                self._save_scaler(tmp)
+                self._save_rng_state(tmp)
+            if self.args.should_save:
+                Path(tmp, "training_args.bin").unlink(missing_ok=True)  # a pickle (DeepSpeed/FSDP paths)
+                self.state.save_to_json(os.path.join(tmp, TRAINER_STATE))
+                if self.zh_config is not None:
+                    save_config(self.zh_config, Path(tmp) / CONFIG_NAME)
+                fsync_tree(Path(tmp))
+        except (
+            Exception
+        ) as e:  # disk full, quota, permissions: remove the partial copy, keep the last good one
+            if self.args.should_save:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise save_failure(e, f"{folder} in {run_dir}", previous[-1] if previous else None) from e
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            fsync_tree(Path(tmp))
             if os.path.isdir(final):  # an earlier run's checkpoint of the same step
-                shutil.rmtree(final)
+                remove_dir(Path(final))
             os.replace(tmp, final)
+            from zhtune.atomic import _fsync_dir
+
+            _fsync_dir(Path(run_dir))
             if self.state.best_global_step:
                 best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
                 if os.path.exists(best):
                     self.state.best_model_checkpoint = best
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
+            rotate(run_dir, Path(final), self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
+
+    def _sharded(self) -> bool:
+        return bool(self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self._sharded():  # accelerate/DeepSpeed write their own (torch) formats: see the class docstring
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from zhtune.train.state import save_state
+
+        if self.args.should_save:
+            save_state(self.optimizer.state_dict(), output_dir, "optimizer")
+            save_state(self.lr_scheduler.state_dict(), output_dir, "scheduler")
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        if self._sharded():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from zhtune.train.state import has_state, legacy_file, load_state
+
+        if has_state(checkpoint, "optimizer"):
+            where = self.args.device if self.args.world_size > 1 else "cpu"
+            self.optimizer.load_state_dict(load_state(checkpoint, "optimizer", map_location=str(where)))
+            self.lr_scheduler.load_state_dict(load_state(checkpoint, "scheduler"))
+            return
+        old = legacy_file(checkpoint, "optimizer")
+        if old is not None:
+            if not self.allow_pickle:
+                from zhtune.train.state import load_legacy
+
+                load_legacy(old, allow_pickle=False)  # raises, naming the file and the flag
+            return super()._load_optimizer_and_scheduler(checkpoint)  # weights_only=True
+        if not self.args.save_only_model:
+            raise ConfigError(
+                f"{checkpoint} has no optimizer state (optimizer.json): it is incomplete. Resume from another "
+                "checkpoint, or start again"
+            )
+
+    def _save_scaler(self, output_dir: str) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not self.args.should_save:
+            return
+        from zhtune.train.state import save_state
+
+        save_state(scaler.state_dict(), output_dir, "scaler")
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if checkpoint is None or scaler is None:
+            return
+        from zhtune.train.state import has_state, legacy_file, load_legacy, load_state
+
+        if has_state(checkpoint, "scaler"):
+            scaler.load_state_dict(load_state(checkpoint, "scaler"))
+        elif (old := legacy_file(checkpoint, "scaler")) is not None:
+            scaler.load_state_dict(load_legacy(old, allow_pickle=self.allow_pickle))
+
+    def _rng_name(self) -> str:
+        return "rng_state" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}"
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        from zhtune.train.state import rng_states, save_state
+
+        distributed = self.args.parallel_mode == ParallelMode.DISTRIBUTED
+        save_state(rng_states(cuda_all=distributed), output_dir, self._rng_name())
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        from zhtune.train.state import has_state, load_legacy, load_state, set_rng_states
+
+        distributed = self.args.parallel_mode == ParallelMode.DISTRIBUTED
+        name = self._rng_name()
+        if has_state(checkpoint, name):
+            set_rng_states(load_state(checkpoint, name), cuda_all=distributed)
+            return
+        old = Path(checkpoint) / f"{name}.pth"
+        if old.is_file():
+            set_rng_states(load_legacy(old, allow_pickle=self.allow_pickle), cuda_all=distributed)
+            return
+        log.warning(
+            "%s has no random state for this process (%s.json): the resumed run will not repeat the random "
+            "choices (dropout, sampling) of an uninterrupted one",
+            checkpoint,
+            name,
+        )
 
 
 class LossCurveCallback(TrainerCallback):
@@ -262,18 +429,6 @@ class PeakMemoryCallback(TrainerCallback):
             logs["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             if self.load_peak is not None:
                 logs["load_peak_mem_gib"] = self.load_peak
-
-
-class NonFiniteLossCallback(TrainerCallback):
-    """Stops the run when the logged loss is NaN or inf, naming the step; the last checkpoint stays intact."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss became {loss} at step {state.global_step}; the newest complete checkpoint in "
-                f"{args.output_dir} is intact. Lower --learning_rate, check the data, or use --bf16 instead of --fp16"
-            )
 
 
 def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:

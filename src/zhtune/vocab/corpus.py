@@ -54,7 +54,7 @@ def list_text_files(paths: list[str] | str) -> list[Path]:
 
 def iter_documents(path: Path, text_field: str = "text") -> Iterator[tuple[int, str]]:
     """``(line, text)`` for each non-empty document of one file; malformed lines are errors with file:line."""
-    with open(path, encoding="utf-8", errors="strict") as f:
+    with open(path, encoding="utf-8-sig", errors="strict") as f:  # -sig: a leading BOM is not text
         try:
             for i, line in enumerate(f, start=1):
                 if path.suffix == ".jsonl":
