@@ -249,7 +249,7 @@ def test_text_without_bos_gets_a_start_token(bpe_tokenizer_dir):
 def test_text_file_errors(tmp_path):
     p = tmp_path / "a.jsonl"
     p.write_text('{"text": "好"}\n{"content": "x"}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"a.jsonl:2: no string field 'text' \(set --text_field\)"):
+    with pytest.raises(DataError, match=r"a.jsonl:2: no string field 'text' \(pass --text_field\)"):
         list(perplexity.iter_documents(p))
 
 

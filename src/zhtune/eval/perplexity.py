@@ -12,7 +12,6 @@ that overlap by ``window - stride`` tokens of context, each token counted once.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,29 +34,14 @@ class TextOptions:
 
 
 def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Documents of a .txt (one a line) or .jsonl (``text_field`` of each record) file."""
+    """Documents of a .txt (one a line) or .jsonl (``text_field`` of each record) file, as the vocabulary
+    tools read them (malformed lines are errors naming file:line)."""
+    from zhtune.vocab.corpus import iter_documents as numbered
+
     if not path.is_file():
         raise DataError(path, None, "text file does not exist")
-    jsonl = path.suffix == ".jsonl"
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                if not jsonl:
-                    yield line.rstrip("\n")
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(path, line_no, f"malformed JSON ({e.msg} at column {e.colno})") from None
-                text = rec.get(text_field) if isinstance(rec, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(path, line_no, f"no string field {text_field!r} (set --text_field)")
-                if text.strip():
-                    yield text
-        except UnicodeDecodeError:
-            raise DataError(path, None, "not valid UTF-8 (convert the file to UTF-8)") from None
+    for _, text in numbered(path, text_field):
+        yield text
 
 
 def start_token(tok: Any) -> int | None:
