@@ -27,7 +27,9 @@ class DemoArgs:
     train_samples: int = field(2000, "Balanced training reviews.")
     eval_samples: int = field(200, "Balanced held-out reviews.")
     max_review_chars: int = field(60, "Use reviews of at most this many characters.")
-    max_steps: int = field(75, "LoRA optimizer steps (75 and 150 gave the same held-out accuracy, 78.5%, on an H100).")
+    max_steps: int = field(
+        75, "LoRA optimizer steps (75 and 150 gave the same held-out accuracy, 78.5%, on an H100)."
+    )
     per_device_train_batch_size: int = field(8, "Batch size.")
     learning_rate: float = field(1e-3, "Peak learning rate.")
     lora_rank: int = field(16, "LoRA rank.")
