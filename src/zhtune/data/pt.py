@@ -154,26 +154,16 @@ def tokenize_file(
     counts, cached)."""
     import datasets
 
-    from zhtune.data.readers import DataError
+    from zhtune.data.readers import dataset_from_generator
 
     target = cache_dir / f"pt-{path.stem[:40]}-{cache_key(path, tokenizer, d)}"
     if target.is_dir() and not d.overwrite_cache:
         counts = json.loads((target / "zhtune_counts.json").read_text(encoding="utf-8"))
         return (datasets.load_from_disk(str(target)) if counts["blocks"] else None), counts, True
     with tempfile.TemporaryDirectory(prefix="zhtune-pt-") as tmp:
-        try:
-            raw = datasets.Dataset.from_generator(
-                _gen,
-                gen_kwargs={"path": str(path), "text_field": d.text_field},
-                cache_dir=str(Path(tmp) / "gen"),
-            )
-        except datasets.exceptions.DatasetGenerationError as e:
-            cause = e.__cause__
-            while cause is not None and not isinstance(cause, DataError):
-                cause = cause.__cause__
-            if isinstance(cause, DataError):
-                raise cause from None
-            raise
+        raw = dataset_from_generator(
+            _gen, {"path": str(path), "text_field": d.text_field}, cache_dir=str(Path(tmp) / "gen")
+        )
         n_docs = len(raw)
         chars = sum(len(t) for t in raw["text"])
         workers = d.preprocessing_num_workers if (d.preprocessing_num_workers or 0) > 1 else None

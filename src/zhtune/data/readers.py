@@ -41,6 +41,22 @@ class DataError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
+def dataset_from_generator(gen: Any, gen_kwargs: dict[str, Any], cache_dir: str) -> Any:
+    """``datasets.Dataset.from_generator``, with a :class:`DataError` raised by the generator surfacing as
+    itself: datasets wraps it in a DatasetGenerationError, which would hide its file:line."""
+    import datasets
+
+    try:
+        return datasets.Dataset.from_generator(gen, gen_kwargs=gen_kwargs, cache_dir=cache_dir)
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, DataError):
+            cause = cause.__cause__
+        if isinstance(cause, DataError):
+            raise cause from None
+        raise
+
+
 @dataclass
 class ReadStats:
     records: int = 0

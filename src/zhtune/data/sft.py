@@ -18,7 +18,13 @@ from typing import Any
 from zhtune.atomic import atomic_dir
 from zhtune.config.args import DataArgs
 from zhtune.data.encode import SegmentEncoder, encode_conversation
-from zhtune.data.readers import DataError, ReadStats, list_data_files, read_conversations
+from zhtune.data.readers import (
+    DataError,
+    ReadStats,
+    dataset_from_generator,
+    list_data_files,
+    read_conversations,
+)
 from zhtune.data.templates import ChatFormat
 from zhtune.model.default import cache_root
 
@@ -139,24 +145,16 @@ def tokenize_files(
 
     with tempfile.TemporaryDirectory(prefix="zhtune-read-") as tmp:
         stats_path = str(Path(tmp) / "stats.json")
-        try:
-            raw = datasets.Dataset.from_generator(
-                _gen,
-                gen_kwargs={
-                    "paths": [str(p) for p in paths],
-                    "skip_bad": d.skip_bad_records,
-                    "system_prompt": d.system_prompt,
-                    "stats_path": stats_path,
-                },
-                cache_dir=str(Path(tmp) / "gen"),
-            )
-        except datasets.exceptions.DatasetGenerationError as e:
-            cause = e.__cause__
-            while cause is not None and not isinstance(cause, DataError):
-                cause = cause.__cause__
-            if isinstance(cause, DataError):
-                raise cause from None
-            raise
+        raw = dataset_from_generator(
+            _gen,
+            {
+                "paths": [str(p) for p in paths],
+                "skip_bad": d.skip_bad_records,
+                "system_prompt": d.system_prompt,
+                "stats_path": stats_path,
+            },
+            cache_dir=str(Path(tmp) / "gen"),
+        )
         stats = ReadStats(**json.loads(Path(stats_path).read_text(encoding="utf-8")))
         report = DataReport(
             records=stats.records, bad_records=stats.bad, bad_reasons=stats.problems, formats=stats.formats
