@@ -79,22 +79,12 @@ def default_name(model: str, quant: str) -> str:
 def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     from zhtune.atomic import publish_files, tmp_sibling
     from zhtune.config.parse import save_config
-    from zhtune.merge.plan import plan_merge
-    from zhtune.model.loader import resolve
+    from zhtune.merge.plan import plan_for
 
     if not isinstance(cfg, Config):
         cfg = build(SECTIONS, cfg)
     m, e, g = cfg.model, cfg.export, cfg.gguf
-    src = resolve(m.model_name_or_path, m.gguf_file, m.cache_dir)
-    if src.kind == "hub":
-        raise ConfigError(f"{m.model_name_or_path}: export reads a local model directory; download it first")
-    plan = plan_merge(
-        src.path,
-        list(e.lora_models or []),
-        tokenizer_dir=m.tokenizer_name_or_path,
-        allow_pickle=m.allow_pickle,
-        trust_remote_code=m.trust_remote_code,
-    )
+    src, plan = plan_for(m, e.lora_models, "export")
     out = Path(e.output_dir)  # type: ignore[arg-type]
     fname = g.gguf_name or default_name(
         e.lora_models[-1]

@@ -64,8 +64,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     from zhtune.atomic import atomic_dir
     from zhtune.config.parse import save_config
     from zhtune.merge.hf import check_dtype, parse_size, write_model_files, write_weights
-    from zhtune.merge.plan import plan_merge
-    from zhtune.model.loader import resolve
+    from zhtune.merge.plan import plan_for
 
     if not isinstance(cfg, Config):
         cfg = build(SECTIONS, cfg)
@@ -77,16 +76,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     if a.offload_dir:
         log.info("--offload_dir is not needed: the merge goes tensor by tensor from the shards on disk")
     max_bytes = parse_size(a.max_shard_size)
-    src = resolve(m.model_name_or_path, m.gguf_file, m.cache_dir)
-    if src.kind == "hub":
-        raise ConfigError(f"{m.model_name_or_path}: merge reads a local model directory; download it first")
-    plan = plan_merge(
-        src.path,
-        list(a.lora_models or []),
-        tokenizer_dir=m.tokenizer_name_or_path,
-        allow_pickle=m.allow_pickle,
-        trust_remote_code=m.trust_remote_code,
-    )
+    _, plan = plan_for(m, a.lora_models, "merge")
     out = Path(a.output_dir)  # type: ignore[arg-type]
     if out.exists() and not a.overwrite_output_dir:
         raise ConfigError(f"{out} already exists; pass --overwrite_output_dir or choose another --output_dir")

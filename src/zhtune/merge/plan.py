@@ -149,3 +149,23 @@ def _rows_of(lay: AdapterLayout) -> str:
         if name.endswith(("embed_tokens.weight", "lm_head.weight")):
             return f"{lay.shapes[key][0]} rows"
     return "no embeddings"
+
+
+def plan_for(m: Any, lora_models: list[str] | None, command: str) -> tuple[Any, MergePlan]:
+    """The model source of ``m`` (ModelArgs: a local directory, a GGUF file or the default) and the plan for
+    merging ``lora_models`` into it in order; a hub id is an error, since ``command`` reads local shards."""
+    from zhtune.model.loader import resolve
+
+    src = resolve(m.model_name_or_path, m.gguf_file, m.cache_dir)
+    if src.kind == "hub":
+        raise ConfigError(
+            f"{m.model_name_or_path}: {command} reads a local model directory; download it first"
+        )
+    plan = plan_merge(
+        src.path,
+        list(lora_models or []),
+        tokenizer_dir=m.tokenizer_name_or_path,
+        allow_pickle=m.allow_pickle,
+        trust_remote_code=m.trust_remote_code,
+    )
+    return src, plan
