@@ -49,6 +49,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: Any, log: Path, timeout: float, poll: float = 0.2) -> None:
+    """Wait until a ``zhtune serve`` subprocess answers /health; fail with its log if it dies or times out."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(poll)
+
+
 @contextlib.contextmanager
 def running_server(cfg: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """Serve ``cfg`` (zhtune serve options) with uvicorn in a thread; yields (base_url, app)."""

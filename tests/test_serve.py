@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from infer_models import free_port, never_stopping_model, running_server
+from infer_models import free_port, never_stopping_model, running_server, wait_healthy
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -249,15 +249,7 @@ def test_cli_serves_on_loopback_and_logs_no_prompts_or_keys(tmp_path, looping_mo
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.2)
+        wait_healthy(url, proc, log, timeout=120)
         c = openai.OpenAI(base_url=url + "/v1", api_key="sk-cli-secret-42", max_retries=0)
         name = c.models.list().data[0].id
         secret = "秘密提示词-do-not-log"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from infer_models import free_port, never_stopping_model, running_server
+from infer_models import free_port, never_stopping_model, running_server, wait_healthy
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -123,15 +123,7 @@ def default_server(tmp_path_factory):
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.3)
+        wait_healthy(url, proc, log, timeout=180, poll=0.3)
         yield url, proc, log
     finally:
         proc.terminate()
