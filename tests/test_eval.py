@@ -279,6 +279,35 @@ def test_label_task_matches_label_likelihood(tiny_llama_bpe, tmp_path):
     assert res["per_label"] == ref.per_label and sum(res["predicted"].values()) == 12
 
 
+def test_label_scores_are_the_reply_log_likelihoods(tiny_llama_bpe):
+    """Scores use the head only at label positions; each must equal the summed log-probability that the
+    model's own loss gives the reply, for prompts of different lengths batched (and padded) together."""
+    import torch
+
+    from zhtune.data.encode import IGNORE, SegmentEncoder
+    from zhtune.data.templates import get_format
+    from zhtune.eval.labels import label_scores
+
+    model, tok = _tiny(tiny_llama_bpe)
+    with torch.no_grad():  # sharpen the random model's attention, so positions and padding matter
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    fmt = get_format(tok)
+    prompts = [[{"role": "user", "content": t}] for t in ("很好", "质量不错，推荐购买，下次还来", "太差了！")]
+    labels = ["正面", "负面的", "正面的"]  # one label a prefix of another: they share the prompt and a token
+    got = label_scores(model, tok, fmt, prompts, labels, batch_size=4)
+    assert got.shape == (3, 3)
+    enc = SegmentEncoder(tok)
+    for i, msgs in enumerate(prompts):
+        for j, lab in enumerate(labels):
+            ids, lbl = enc.encode_segments(fmt.segments(msgs + [{"role": "assistant", "content": lab}]))
+            n = sum(x != IGNORE for x in lbl[1:])
+            with torch.no_grad():
+                loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([lbl])).loss.item()
+            assert got[i, j].item() == pytest.approx(-loss * n, rel=1e-4, abs=1e-4)
+
+
 def test_generated_tasks_score_the_greedy_reply(tiny_llama_sp, tmp_path):
     from zhtune.config.args import GenerationArgs
     from zhtune.data.templates import get_format

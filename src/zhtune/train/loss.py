@@ -1,11 +1,11 @@
 """Causal-LM loss from hidden states, a chunk of tokens at a time, never holding full-vocabulary logits.
 
-The usual path materialises logits for every token (tokens x vocabulary), upcasts them to fp32 and keeps
-them for backward: 2 GiB for 16k tokens at a 32k vocabulary, 3 GiB after a Chinese vocabulary extension.
+The usual path materialises logits for every token (tokens x vocabulary), prompt tokens included, upcasts
+them to fp32 and keeps them for backward: 2 GiB for 16k tokens at a 32k vocabulary, 3 GiB after a Chinese vocabulary extension.
 Here the output projection, log-softmax and its gradient run chunk by chunk inside one autograd function,
 as fused linear cross-entropy kernels do: the gradients with respect to the hidden states and the head
 weight are computed during the forward pass and only scaled in backward, so no chunk is recomputed and the
-peak is one chunk's logits. Arithmetic matches the usual path: the projection runs in the autocast dtype
+peak is one chunk's logits. Only positions with a label go through the head at all. Arithmetic matches the usual path: the projection runs in the autocast dtype
 (bf16 under mixed precision), the softmax in fp32.
 
 When Liger kernels are in use their fused linear cross-entropy does this job (see train.speed).
@@ -83,10 +83,17 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Next-token cross-entropy of ``hidden @ weight.T`` against ``labels`` shifted by one, as transformers'
     ForCausalLMLoss computes it (mean over labelled tokens, or sum / num_items_in_batch when given)."""
-    targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1)
+    targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[..., 1:].reshape(-1).to(hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])
+    valid = targets != IGNORE
+    n_valid = int(valid.sum().item())
+    if n_valid < targets.numel():
+        # only labelled positions go through the head: in SFT most tokens are the prompt's, and their
+        # logits (a vocabulary-wide softmax each) would be computed only to be thrown away
+        keep = valid.nonzero().squeeze(1)
+        h, targets = h.index_select(0, keep), targets.index_select(0, keep)
     if num_items_in_batch is None:
-        denom = (targets != IGNORE).sum().item()
+        denom = n_valid
     else:
         denom = num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
     dev = h.device.type
@@ -94,7 +101,7 @@ def linear_cross_entropy(
     if compute_dtype != h.dtype and not torch.is_autocast_enabled(dev):
         compute_dtype = h.dtype
     return _LinearCrossEntropy.apply(
-        h, weight, targets.to(h.device), float(denom), chunk or chunk_rows(weight.shape[0]), compute_dtype
+        h, weight, targets, float(denom), chunk or chunk_rows(weight.shape[0]), compute_dtype
     )
 
 
