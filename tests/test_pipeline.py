@@ -245,6 +245,12 @@ def test_variant_overrides_stage_options(tmp_path, tiny_llama_bpe):
     assert a.run_dir == str(tmp_path / "q")
     sft = next(s for s in a.specs if s.name == "sft")
     assert sft.options["max_steps"] == 1 and sft.options["lora_rank"] == 4
+    cfg["variants"]["quick"]["skip"] = ["pt1"]  # stage 2 then resizes the model for the new vocabulary
+    a = build(recipe_mod.SECTIONS, {"pipeline": {**cfg, "quick": True}}).pipeline
+    assert "pt1" not in [s.name for s in a.specs] and "pt2" in [s.name for s in a.specs]
+    cfg["variants"]["quick"]["skip"] = ["pt9"]
+    with pytest.raises(ConfigError, match=r"variants.quick.skip: a list of stage names \(data, "):
+        build(recipe_mod.SECTIONS, {"pipeline": {**cfg, "quick": True}})
 
 
 def test_data_sft_eval_chain(tmp_path, tiny_llama_bpe):

