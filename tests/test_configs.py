@@ -85,7 +85,6 @@ def test_demo_pipeline_runs_the_whole_path():
         ("data", "demo_data"),
         ("vocab", "vocab_train"),
         ("tokenizer", "vocab_merge"),
-        ("pt1", "pt"),
         ("pt2", "pt"),
         ("sft", "sft"),
         ("merged", "merge"),
@@ -93,9 +92,13 @@ def test_demo_pipeline_runs_the_whole_path():
         ("eval", "eval"),
     ]
     opts = {s.name: s.options for s in a.specs}
-    assert opts["pt1"]["stage"] == "embeddings" and opts["pt2"]["stage"] == "lora"
+    assert opts["pt2"]["stage"] == "lora" and opts["data"]["continuation_train"] > 0
     assert opts["gguf"]["quant"] == "q8_0" and a.run_dir == "runs/demo-zh-quick"
-    assert {t["name"] for t in opts["eval"]["tasks"]} == {"news", "sentiment", "ner"}
+    assert {t["name"] for t in opts["eval"]["tasks"]} == {"news", "sentiment"}
+    full = build(SECTIONS, recipe=REPO / "configs" / "demo-zh" / "pipeline.yaml").pipeline  # stage 1 and NER
+    assert [s.name for s in full.specs][3:5] == ["pt1", "pt2"]
+    assert full.specs[3].options["stage"] == "embeddings"
+    assert {t["name"] for t in full.specs[-1].options["tasks"]} == {"news", "sentiment", "ner"}
 
 
 def _sft(rel):
