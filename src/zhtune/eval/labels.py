@@ -118,7 +118,7 @@ def _shared_prompt_scores(
                 tgts.append(ids[t + 1])
                 owner.append(i)
         if hs:
-            logp = torch.log_softmax((torch.stack(hs) @ weight.t()).float(), dim=-1)
+            logp = torch.log_softmax((torch.stack(hs).to(weight.dtype) @ weight.t()).float(), dim=-1)
             tok_lp = logp.gather(-1, torch.tensor(tgts, device=device)[:, None]).squeeze(-1)
             scores[:, j].index_add_(0, torch.tensor(owner, device=device), tok_lp)
     return scores.cpu()
