@@ -18,7 +18,8 @@ from pathlib import Path
 TMP_PREFIX = ".tmp-"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename or a new file in it) to disk; a no-op where that is unsupported."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -37,7 +38,7 @@ def fsync_tree(path: Path) -> None:
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(Path(root))
+        fsync_dir(Path(root))
 
 
 def tmp_sibling(path: Path) -> Path:
@@ -58,7 +59,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -88,7 +89,7 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
             old = tmp_sibling(final)
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -113,7 +114,7 @@ def publish_files(staging: Path, dest: Path, last: Iterable[str] = ()) -> None:
         if dst.is_dir() and not dst.is_symlink():
             shutil.rmtree(dst)
         os.replace(src, dst)
-    _fsync_dir(dest)
+    fsync_dir(dest)
     shutil.rmtree(staging, ignore_errors=True)
 
 

@@ -147,10 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, DataError):
             print(f"zhtune {name}: {e}", file=sys.stderr)
             return 2
-        guard = sys.modules.get("zhtune.train.guard")  # loaded once a training command ran
-        if guard is not None and isinstance(
-            e, guard.TrainingStopped
-        ):  # a NaN loss, fp16 overflow, failed save
+        # a NaN loss, fp16 overflow, failed save (zhtune.train.guard is loaded once a training command ran)
+        guard = sys.modules.get("zhtune.train.guard")
+        if guard is not None and isinstance(e, guard.TrainingStopped):
             print(f"zhtune {name}: {e}", file=sys.stderr)
             return 1
         raise

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from zhtune.atomic import _fsync_dir, tmp_sibling
+from zhtune.atomic import fsync_dir, tmp_sibling
 from zhtune.data.readers import DataError
 
 CHUNK = 1 << 20
@@ -228,7 +228,7 @@ class RecordWriter:
         os.fsync(self.f.fileno())
         self.f.close()
         os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         self.f.close()

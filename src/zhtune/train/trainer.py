@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.training_args import ParallelMode
 
-from zhtune.atomic import TMP_PREFIX, clean_stale_tmp, fsync_tree
+from zhtune.atomic import TMP_PREFIX, clean_stale_tmp, fsync_dir, fsync_tree
 from zhtune.config.args import TrainArgs
 from zhtune.config.parse import Config, ConfigError, save_config
 
@@ -156,10 +156,10 @@ def resolve_resume(t: TrainArgs) -> str | None:
     value = t.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", "no", "none"):
         return None
-    complete = [p for _, p in checkpoints(out) if (p / TRAINER_STATE).is_file()]
+    complete = [(s, p) for s, p in checkpoints(out) if (p / TRAINER_STATE).is_file()]
     if str(value).lower() in ("true", "yes", "1", "latest", "auto"):
         if complete:
-            return str(complete[-1])
+            return str(complete[-1][1])
         if str(value).lower() == "auto":
             log.info("no checkpoint in %s: starting from the beginning", out)
             return None
@@ -170,9 +170,8 @@ def resolve_resume(t: TrainArgs) -> str | None:
     path = Path(value)
     if not path.is_dir() or not (path / TRAINER_STATE).is_file():
         raise ConfigError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {TRAINER_STATE})")
-    later = [
-        p.name for p in complete if p.parent.resolve() == path.parent.resolve() and _step(p) > _step(path)
-    ]
+    mine = _step(path)
+    later = [p.name for s, p in complete if p.parent.resolve() == path.parent.resolve() and s > mine]
     if later:
         log.warning(
             "resuming from %s although %s exist: those belong to the run being rolled back and are deleted when "
@@ -288,9 +287,8 @@ class ZhTrainer(Trainer):
                 if self.zh_config is not None:
                     save_config(self.zh_config, Path(tmp) / CONFIG_NAME)
                 fsync_tree(Path(tmp))
-        except (
-            Exception
-        ) as e:  # disk full, quota, permissions: remove the partial copy, keep the last good one
+        except Exception as e:
+            # disk full, quota, permissions: remove the partial copy, keep the last good one
             if self.args.should_save:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise save_failure(e, f"{folder} in {run_dir}", previous[-1] if previous else None) from e
@@ -299,9 +297,7 @@ class ZhTrainer(Trainer):
             if os.path.isdir(final):  # an earlier run's checkpoint of the same step
                 remove_dir(Path(final))
             os.replace(tmp, final)
-            from zhtune.atomic import _fsync_dir
-
-            _fsync_dir(Path(run_dir))
+            fsync_dir(Path(run_dir))
             if self.state.best_global_step:
                 best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
                 if os.path.exists(best):
