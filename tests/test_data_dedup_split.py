@@ -9,9 +9,9 @@ import pytest
 from conftest import ZH, shared_asset
 
 from zhtune.cli import main as zhtune
-from zhtune.data.readers import to_messages
+from zhtune.data.jsonl import detect_layout, iter_raw, parse
 from zhtune.data.split_long import pack_pairs
-from zhtune.data.stream import detect_layout, iter_raw, parse
+from zhtune.text.records import to_messages
 
 
 def load(path):

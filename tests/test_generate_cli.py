@@ -8,7 +8,7 @@ import pytest
 from infer_models import never_stopping_model
 
 from zhtune.cli import main as zhtune
-from zhtune.data.readers import DataError
+from zhtune.errors import DataError
 from zhtune.infer.generate import main, read_requests, to_request
 
 

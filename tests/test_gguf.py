@@ -18,7 +18,7 @@ from conftest import CORPUS, ZH, make_tiny_model
 from gguf_helpers import extend_sp, gguf_fields, gguf_model, gguf_tokenizer, train_sp
 
 from zhtune.cli import main as zhtune
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 
 BOUNDS = {"f16": 2e-3, "q8_0": 3e-2, "q4_0": 0.25}  # max |logit difference| / max |logit|
 TEXTS = [ZH[0], ZH[4] + " The quick brown fox.", CORPUS[-3], "中文分词 123 def add(a, b):"]
@@ -168,7 +168,7 @@ def test_writer_streams_one_tensor_at_a_time(tmp_path, sp_tokenizer_dir):
 
     from zhtune.export.gguf import write_gguf
     from zhtune.export.gguf_vocab import build_vocab
-    from zhtune.merge.tensors import Checkpoint, plain
+    from zhtune.model.tensors import Checkpoint, plain
 
     torch.manual_seed(0)
     cfg = LlamaConfig(

@@ -19,7 +19,7 @@ QUESTION = "What is 2+2? Answer with one short sentence."
 
 @pytest.fixture(scope="module")
 def default_dir():
-    from zhtune.deps import MissingDependency
+    from zhtune.errors import MissingDependency
     from zhtune.model.default import default_model_dir
 
     try:

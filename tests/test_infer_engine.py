@@ -10,7 +10,7 @@ import pytest
 from infer_models import never_stopping_model, single_token
 
 from zhtune.config.args import GenerationArgs, ModelArgs
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 from zhtune.infer.engine import Engine, EngineArgs
 from zhtune.infer.stream import Detokenizer, Job
 
@@ -207,7 +207,7 @@ def test_adapters_in_order_and_their_template(tmp_path, tiny_llama_bpe):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from zhtune.data.templates import BuiltinFormat, builtin_specs, write_sidecar
+    from zhtune.text.templates import BuiltinFormat, builtin_specs, write_sidecar
 
     tok = AutoTokenizer.from_pretrained(str(tiny_llama_bpe))
     dirs = []

@@ -77,8 +77,8 @@ def test_two_process_ddp_through_the_cli_gives_the_single_process_losses(tiny_ll
 
 
 def test_deepspeed_configs_are_shipped_and_checked(tmp_path):
-    from zhtune.config.parse import ConfigError
-    from zhtune.deps import MissingDependency, available
+    from zhtune.deps import available
+    from zhtune.errors import ConfigError, MissingDependency
     from zhtune.train.trainer import check_deepspeed
 
     shipped = sorted((REPO / "configs" / "deepspeed").glob("*.json"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from zhtune.config.args import ModelArgs
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 from zhtune.model import loader
 from zhtune.model.families import lora_targets
 

@@ -16,7 +16,7 @@ from conftest import ZH
 from lora_helpers import logits, make_adapter, reference_model
 
 from zhtune.cli import main as zhtune
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NEW_WORDS = ["人民日报", "机器学习", "自然语言处理", "北京", "公园散步", "科技创新"]
@@ -163,7 +163,7 @@ def test_vocab_mismatch_names_files_and_sizes(tmp_path, tiny_llama_sp, zh_tok):
 def test_architecture_mismatch_is_reported(tmp_path, sp_tokenizer_dir, tiny_llama_sp):
     from conftest import make_tiny_model
 
-    from zhtune.merge.plan import plan_merge
+    from zhtune.model.merged import plan_merge
 
     other = tmp_path / "wide"
     make_tiny_model(sp_tokenizer_dir, other)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 from zhtune.train.state import StateFormatError, load_legacy, load_state, rng_states, save_state
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "zhtune"

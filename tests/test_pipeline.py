@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from zhtune.cli import main as zhtune
-from zhtune.config.parse import ConfigError, build
+from zhtune.config.parse import build
+from zhtune.errors import ConfigError
 from zhtune.pipeline import recipe as recipe_mod
 
 pytest.importorskip("snownlp")
@@ -293,7 +294,7 @@ def test_data_sft_eval_chain(tmp_path, tiny_llama_bpe):
 def test_a_gguf_base_model_lends_its_tokenizer_to_the_vocab_stages():
     """A recipe whose base is the embedded model as a file (as on a GPU machine) can extend its vocabulary."""
     from zhtune.model.default import locate_default_gguf
-    from zhtune.vocab.merge import load_base
+    from zhtune.vocab.base import load_base
 
     try:
         gguf = locate_default_gguf()

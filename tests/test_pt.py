@@ -192,7 +192,7 @@ def test_bits_per_char_known_case():
 def test_chars_per_token_cover_the_text(work, sp_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from zhtune.data.pt import encode_documents, group_blocks
+    from zhtune.train.pt_data import encode_documents, group_blocks
 
     texts = ["人民日报发表新年讲话，迈向充满希望的新世纪。", "Hello 世界 123！", "ａｂｃ１２３"]
     for d in (work["tok"], sp_tokenizer_dir):
@@ -209,8 +209,8 @@ def test_chars_per_token_cover_the_text(work, sp_tokenizer_dir):
 def test_pt_data_split_cache_and_errors(work, tmp_path):
     from transformers import AutoTokenizer
 
-    from zhtune.data.pt import PtDataArgs, build_pt_data
-    from zhtune.data.readers import DataError
+    from zhtune.errors import DataError
+    from zhtune.train.pt_data import PtDataArgs, build_pt_data
 
     tok = AutoTokenizer.from_pretrained(str(work["tok"]))
     d = PtDataArgs(dataset_dir=str(work["dir"] / "data"), block_size=16, validation_split_percentage=20,

@@ -31,7 +31,7 @@ def test_chat_quantized_needs_cuda(tiny_llama_sp, capsys, flag):
 def test_chat_passes_quantization_to_the_loader(tiny_llama_sp, monkeypatch):
     """The chat engine builds its model through load_model with the ModelArgs that carry the flags."""
     import zhtune.model.loader as loader
-    from zhtune.config.parse import ConfigError
+    from zhtune.errors import ConfigError
 
     seen = {}
 

@@ -7,14 +7,8 @@ import json
 import pytest
 from conftest import shared_asset
 
-from zhtune.data.readers import (
-    DataError,
-    ReadStats,
-    iter_json_records,
-    list_data_files,
-    read_conversations,
-    to_messages,
-)
+from zhtune.errors import DataError
+from zhtune.text.records import ReadStats, iter_json_records, list_data_files, read_conversations, to_messages
 
 
 def test_alpaca_with_input_system_and_history():

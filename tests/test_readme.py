@@ -43,16 +43,29 @@ def test_make_targets_install_then_run():
     assert "pytest" in out and "ruff check" in out
 
 
-def test_every_module_is_in_the_file_tree():
+def file_tree() -> list[str]:
+    """The paths listed under src/zhtune/ in the README's Files section, in order."""
+    block = README.split("## Files", 1)[1].split("```", 2)[1]
+    lines = block.split("src/zhtune/\n", 1)[1].splitlines()
+    return [ln.split()[0] for ln in lines if ln.startswith("  ") and ln.split()]
+
+
+def test_the_file_tree_lists_every_module_once_and_nothing_else():
     root = Path(zhtune.__file__).parent
-    missing = []
-    for p in sorted(root.rglob("*.py")):
-        if p.name in ("__init__.py", "__main__.py"):
-            continue
-        rel = p.relative_to(root.parent).as_posix()
-        if p.name not in README and rel not in README:
-            missing.append(rel)
-    assert not missing, f"add these modules to the README file tree: {missing}"
+    modules = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.suffix in (".py", ".yaml", ".json", ".html")
+        and p.name not in ("__init__.py", "__main__.py")
+        and "__pycache__" not in p.parts
+    )
+    listed = file_tree()
+    twice = sorted({x for x in listed if listed.count(x) > 1})
+    assert not twice, f"listed more than once in the README file tree: {twice}"
+    assert not sorted(set(modules) - set(listed)), (
+        f"add to the README file tree: {sorted(set(modules) - set(listed))}"
+    )
+    assert not sorted(set(listed) - set(modules)), f"no longer exist: {sorted(set(listed) - set(modules))}"
 
 
 @pytest.mark.slow

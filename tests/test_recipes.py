@@ -6,7 +6,7 @@ import pytest
 from conftest import REPO
 
 from zhtune.cli import main as zhtune
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 from zhtune.recipes import copy, recipes
 
 

@@ -228,11 +228,13 @@ def test_cli_serves_on_loopback_and_logs_no_prompts_or_keys(tmp_path, looping_mo
     key_file.write_text("sk-cli-secret-42\n")
     port = free_port()
     log = tmp_path / "serve.log"
-    env = {**os.environ, "PYTHONPATH": SRC, "LOGLEVEL": "DEBUG", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1"}
     cmd = [
         sys.executable,
         "-m",
         "zhtune",
+        "--log_level",
+        "debug",
         "serve",
         "--model_name_or_path",
         str(looping_model),

@@ -107,7 +107,7 @@ def rss_mib(pid: int) -> float:
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
     """``zhtune serve`` on the embedded default in its own process, so its memory can be read alone."""
-    from zhtune.deps import MissingDependency
+    from zhtune.errors import MissingDependency
     from zhtune.model.default import default_model_dir
 
     try:

@@ -10,7 +10,7 @@ import torch
 from conftest import write_alpaca
 
 from zhtune.cli import main as cli_main
-from zhtune.data.readers import DataError
+from zhtune.errors import DataError
 from zhtune.train.sft import main as sft
 
 

@@ -7,7 +7,7 @@ import torch
 from conftest import write_alpaca
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from zhtune.train.loss import capture_final_hidden, head_weight, linear_cross_entropy
+from zhtune.score.loss import capture_final_hidden, head_weight, linear_cross_entropy
 from zhtune.train.speed import estimate_step_bytes, keep_adapter_inputs
 from zhtune.train.trainer import resolve_optim
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from zhtune.config.parse import ConfigError
-from zhtune.data.encode import IGNORE, SegmentEncoder, encode_conversation
-from zhtune.data.templates import BuiltinFormat, JinjaFormat, attach, builtin_names, builtin_specs, get_format
+from zhtune.errors import ConfigError
+from zhtune.text.encode import IGNORE, SegmentEncoder, encode_conversation
+from zhtune.text.templates import BuiltinFormat, JinjaFormat, attach, builtin_names, builtin_specs, get_format
 
 SINGLE_ZH = [
     {"role": "user", "content": "请介绍一下北京。"},

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from zhtune.cli import main as zhtune
+from zhtune.errors import TrainingStopped
 from zhtune.train import guard, state
-from zhtune.train.guard import LossScaleMonitor, TrainingStopped, rotate
+from zhtune.train.guard import LossScaleMonitor, rotate
 from zhtune.train.pt import main as pt
 
 

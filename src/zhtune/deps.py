@@ -6,6 +6,8 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+from zhtune.errors import MissingDependency
+
 # import name -> (pip extra, pip distribution)
 OPTIONAL = {
     "bitsandbytes": ("gpu", "bitsandbytes"),
@@ -23,10 +25,6 @@ OPTIONAL = {
     "deepspeed": ("", "deepspeed"),
     "vllm": ("", "vllm"),
 }
-
-
-class MissingDependency(ImportError):
-    """An optional package is not installed; the message says how to install it."""
 
 
 def install_hint(name: str) -> str:

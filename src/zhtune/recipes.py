@@ -46,7 +46,7 @@ def recipes() -> dict[str, Path]:
 
 def command_of(name: str) -> str:
     stem = Path(name).name
-    from zhtune.cli import COMMANDS
+    from zhtune.commands import COMMANDS
 
     first = stem.split("_")[0]
     if first == "vocab":
@@ -66,7 +66,7 @@ def list_recipes() -> str:
 
 def copy(name: str, dest: str | Path = ".", force: bool = False) -> list[Path]:
     """Copy recipe ``name`` (or every recipe of folder ``name``) into ``dest``; returns the written files."""
-    from zhtune.config.parse import ConfigError
+    from zhtune.errors import ConfigError
 
     name = name.removesuffix(".yaml").strip("/")
     found = recipes()
@@ -99,7 +99,7 @@ def copy(name: str, dest: str | Path = ".", force: bool = False) -> list[Path]:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from zhtune.config.parse import ConfigError
+    from zhtune.errors import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     force = "--force" in argv

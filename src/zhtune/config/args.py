@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from zhtune.config.parse import ConfigError, field
+from zhtune.config.parse import field
+from zhtune.errors import ConfigError
 
 
 @dataclass

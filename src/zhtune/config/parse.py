@@ -20,10 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message that says what to do."""
-
+from zhtune.errors import ConfigError
 
 TRUE = {"true", "1", "yes", "y", "on"}
 FALSE = {"false", "0", "no", "n", "off"}
@@ -318,6 +315,10 @@ def format_help(prog: str, description: str, sections: dict[str, type], usage_ex
             head = f"  --{name} {tname if tname != 'BOOL' else ''}".rstrip()
             lines.append(f"{head:<44} {f.metadata.get('help', '')} [default: {default}]")
         lines.append("")
+    lines.append(
+        "  --print_config                             Print the resolved configuration as YAML and exit."
+    )
+    lines.append("")
     lines.append("Options are flat: a recipe may list them at top level or grouped by section.")
     return "\n".join(lines)
 
@@ -331,11 +332,17 @@ def parse_cli(
     passthrough: dict[str, set[str]] | None = None,
     max_positional: int = 1,
 ) -> Config:
-    """Parse ``[recipe.yaml] --key value ...``; prints help and exits on --help."""
+    """Parse ``[recipe.yaml] --key value ...``; prints help and exits on --help.
+
+    With ``--print_config`` it prints the resolved configuration as YAML (recipe, overrides and defaults,
+    grouped by section) and exits, so a recipe can be checked before anything runs.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(format_help(prog, description, sections))
         raise SystemExit(0)
+    print_only = "--print_config" in argv
+    argv = [a for a in argv if a != "--print_config"]
     bool_keys: set[str] = set()
     for cls in sections.values():
         hints = typing.get_type_hints(cls)
@@ -350,7 +357,11 @@ def parse_cli(
                 f"unexpected argument {positional[0]!r}: {prog} takes an optional recipe.yaml, then --option value pairs"
             )
         recipe = positional[0]
-    return build(sections, recipe=recipe, overrides=overrides, passthrough=passthrough)
+    cfg = build(sections, recipe=recipe, overrides=overrides, passthrough=passthrough)
+    if print_only:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")
+        raise SystemExit(0)
+    return cfg
 
 
 def save_config(cfg: Config, path: str | Path, extra: Mapping[str, Any] | None = None) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from zhtune.config.parse import Config, field
-from zhtune.data.pipeline import (
+from zhtune.data.tool import (
     InputArgs,
     OutputArgs,
     Result,

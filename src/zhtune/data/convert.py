@@ -11,19 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from zhtune.config.parse import Config, ConfigError, field
-from zhtune.data.formats import extras_of, from_messages
-from zhtune.data.pipeline import (
-    InputArgs,
-    OutputArgs,
-    Result,
-    Summary,
-    Tool,
-    as_config,
-    messages,
-    run,
-    tool_cli,
-)
+from zhtune.config.parse import Config, field
+from zhtune.data.tool import InputArgs, OutputArgs, Result, Summary, Tool, as_config, messages, run, tool_cli
+from zhtune.errors import ConfigError
+from zhtune.text.formats import extras_of, from_messages
 
 DESCRIPTION = "Convert instruction data between Alpaca, ShareGPT, OpenAI messages and Chinese-Vicuna chat."
 

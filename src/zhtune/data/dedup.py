@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from zhtune.config.parse import Config, ConfigError, field
-from zhtune.data.formats import extras_of, from_messages, split_system
-from zhtune.data.pipeline import (
+from zhtune.config.parse import Config, field
+from zhtune.data.jsonl import dumps
+from zhtune.data.tool import (
     InputArgs,
     Item,
     OutputArgs,
@@ -39,7 +39,8 @@ from zhtune.data.pipeline import (
     run,
     tool_cli,
 )
-from zhtune.data.stream import dumps
+from zhtune.errors import ConfigError
+from zhtune.text.formats import extras_of, from_messages, split_system
 
 DESCRIPTION = "Remove exact and near-duplicate conversations (MinHash LSH), document, prompt or turn level."
 NON_WORD = re.compile(r"[\W_]+")

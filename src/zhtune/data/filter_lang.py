@@ -20,9 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import Config, ConfigError, field
-from zhtune.data.formats import conversation_text
-from zhtune.data.pipeline import (
+from zhtune.config.parse import Config, field
+from zhtune.data.tool import (
     InputArgs,
     Item,
     OutputArgs,
@@ -34,6 +33,8 @@ from zhtune.data.pipeline import (
     run,
     tool_cli,
 )
+from zhtune.errors import ConfigError
+from zhtune.text.formats import conversation_text
 
 DESCRIPTION = "Keep or skip conversations by language (langid.py; its model ships in the package)."
 

@@ -26,7 +26,8 @@ from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any, Literal
 
-from zhtune.config.parse import Config, ConfigError, build, field, parse_cli
+from zhtune.config.parse import Config, build, field, parse_cli
+from zhtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 DESCRIPTION = "Generate instruction data through an OpenAI-compatible endpoint (self-instruct, resumable)."
@@ -155,7 +156,7 @@ def read_existing(path: Path) -> list[dict]:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as e:
-                from zhtune.data.readers import DataError
+                from zhtune.errors import DataError
 
                 raise DataError(
                     path, i, f"malformed JSON ({e.msg}); this is not a file generate wrote"

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 
 PROMPTS = Path(__file__).with_name("generate_prompt.yaml")
 SEEDS = Path(__file__).with_name("seed_tasks_zh.json")
@@ -116,9 +116,10 @@ def first_line(text: str) -> str:
 
 def load_seeds(path: str | None) -> list[dict[str, str]]:
     """Seed tasks as Alpaca dicts, from any supported format (JSON or JSON Lines)."""
-    from zhtune.data.formats import from_messages
-    from zhtune.data.readers import DataError, to_messages
-    from zhtune.data.stream import BadRecord, detect_layout, iter_raw, parse
+    from zhtune.data.jsonl import BadRecord, detect_layout, iter_raw, parse
+    from zhtune.errors import DataError
+    from zhtune.text.formats import from_messages
+    from zhtune.text.records import to_messages
 
     p = Path(path) if path else SEEDS
     if not p.is_file():

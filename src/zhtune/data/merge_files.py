@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import Config, ConfigError, field
-from zhtune.data.pipeline import (
+from zhtune.config.parse import Config, field
+from zhtune.data.jsonl import dumps
+from zhtune.data.tool import (
     InputArgs,
     Item,
     OutputArgs,
@@ -27,7 +28,7 @@ from zhtune.data.pipeline import (
     run,
     tool_cli,
 )
-from zhtune.data.stream import dumps
+from zhtune.errors import ConfigError
 
 DESCRIPTION = "Merge several instruction files into one (FastChat merge.py), keeping ids unique."
 

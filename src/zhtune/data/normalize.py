@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zhtune.config.parse import Config, field
-from zhtune.data.pipeline import (
+from zhtune.data.tool import (
     InputArgs,
     OutputArgs,
     Result,

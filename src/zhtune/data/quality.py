@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import Config, ConfigError, field
-from zhtune.data.formats import conversation_text
-from zhtune.data.pipeline import (
+from zhtune.config.parse import Config, field
+from zhtune.data.jsonl import BadRecord
+from zhtune.data.tool import (
     InputArgs,
     Item,
     OutputArgs,
@@ -34,8 +34,9 @@ from zhtune.data.pipeline import (
     run,
     tool_cli,
 )
-from zhtune.data.readers import validate
-from zhtune.data.stream import BadRecord
+from zhtune.errors import ConfigError
+from zhtune.text.formats import conversation_text
+from zhtune.text.records import validate
 
 DESCRIPTION = "Drop low-quality records: empty answers, length, Chinese ratio, repeated n-grams, refusals."
 PHRASES = Path(__file__).with_name("refusal_phrases.yaml")

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import Config, ConfigError, field
-from zhtune.data.formats import extras_of, from_messages, split_system
-from zhtune.data.pipeline import (
+from zhtune.config.parse import Config, field
+from zhtune.data.tool import (
     InputArgs,
     Item,
     OutputArgs,
@@ -29,6 +28,8 @@ from zhtune.data.pipeline import (
     run,
     tool_cli,
 )
+from zhtune.errors import ConfigError
+from zhtune.text.formats import extras_of, from_messages, split_system
 
 DESCRIPTION = "Split conversations longer than --max_length tokens at turn boundaries (FastChat split_long)."
 

@@ -16,18 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zhtune.config.parse import Config, field, parse_cli
-from zhtune.data.formats import conversation_text, split_system
-from zhtune.data.pipeline import (
-    InputArgs,
-    Item,
-    Result,
-    Summary,
-    Tool,
-    as_config,
-    parse_batch,
-    run,
-    save_report,
-)
+from zhtune.data.tool import InputArgs, Item, Result, Summary, Tool, as_config, parse_batch, run, save_report
+from zhtune.text.formats import conversation_text, split_system
 
 DESCRIPTION = "Statistics of a data set: counts, token lengths, turns, language mix; a table and a PNG."
 

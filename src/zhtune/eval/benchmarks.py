@@ -19,8 +19,7 @@ from typing import Any
 
 import yaml
 
-from zhtune.config.parse import ConfigError
-from zhtune.data.readers import DataError
+from zhtune.errors import ConfigError, DataError
 
 LETTERS = ("A", "B", "C", "D")
 

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zhtune.config.args import ModelArgs
-from zhtune.config.parse import Config, ConfigError, build, coerce, field, parse_cli
+from zhtune.config.parse import Config, build, coerce, field, parse_cli
+from zhtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 DESCRIPTION = "Evaluate models on C-Eval/CMMLU/MMLU, bits per character on text, and instruction tasks."
@@ -129,8 +130,8 @@ def _defaults(a: EvalArgs) -> dict[str, Any]:
 
 def _task_from(values: dict[str, Any], where: str) -> Task:
     from zhtune.eval.mcq import McqOptions
-    from zhtune.eval.perplexity import TextOptions
     from zhtune.eval.tasks import TaskOptions
+    from zhtune.score.nll import TextOptions
 
     v = values
     kinds = [
@@ -256,7 +257,7 @@ def run_task(task: Task, engine: Any) -> dict[str, Any]:
 
         return mcq.evaluate(engine.model, engine.tok, engine.fmt, task.options)
     if task.kind == "text":
-        from zhtune.eval import perplexity
+        from zhtune.score import nll as perplexity
 
         return perplexity.evaluate(engine.model, engine.tok, task.options)
     from zhtune.eval import tasks

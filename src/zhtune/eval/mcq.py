@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 from zhtune.eval.benchmarks import LETTERS, Benchmark, Question, load_split, subjects_for
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def answer_tokens(
     (it multiplies every answer's probability alike, so the ranking is unchanged) and the letters are
     compared at the next position.
     """
-    from zhtune.data.encode import SegmentEncoder
+    from zhtune.text.encode import SegmentEncoder
 
     conts = []
     for ans in answers:
@@ -82,7 +82,7 @@ class PromptBuilder:
     """Token ids of a question's prompt and of its four answer letters, within a length budget."""
 
     def __init__(self, bench: Benchmark, tok: Any, fmt: Any, *, chat: bool, max_len: int):
-        from zhtune.data.encode import SegmentEncoder
+        from zhtune.text.encode import SegmentEncoder
 
         self.bench, self.tok, self.fmt, self.chat, self.max_len = bench, tok, fmt, chat, max_len
         self.truncated = 0

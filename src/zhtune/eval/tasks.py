@@ -2,7 +2,7 @@
 
 The conversation up to the last assistant turn is the prompt; that turn is the reference. Metrics:
 
-* ``labels``: classification (sentiment, topic ...) by label likelihood (:mod:`zhtune.eval.labels`): each
+* ``labels``: classification (sentiment, topic ...) by label likelihood (:mod:`zhtune.score.labels`): each
   of a fixed set of answers is scored as the reply and the likeliest one is the prediction. The label set
   is ``labels`` or every distinct reference. Fair to a base model that does not follow an output format.
 * ``exact``: the greedy reply equals the reference (whitespace and final punctuation aside).
@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from zhtune.data.readers import DataError, iter_json_records, to_messages
-from zhtune.data.templates import Message
+from zhtune.errors import DataError
+from zhtune.text.records import iter_json_records, to_messages
+from zhtune.text.templates import Message
 
 METRICS = ("labels", "exact", "contains", "f1")
 MAX_LABELS = 50
@@ -100,7 +101,7 @@ def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions) -> dict[str, Any
 
 
 def _labels(model, tok, fmt, opts, items, prompts, refs) -> dict[str, Any]:  # noqa: ANN001
-    from zhtune.eval.labels import label_scores
+    from zhtune.score.labels import label_scores
 
     labels = list(opts.labels or sorted(set(refs)))
     if len(labels) > MAX_LABELS:

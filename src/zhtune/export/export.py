@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zhtune.config.args import GgufArgs, ModelArgs
-from zhtune.config.parse import Config, ConfigError, build, field, parse_cli
+from zhtune.config.parse import Config, build, field, parse_cli
+from zhtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ DESCRIPTION = "Export a model (plus optional LoRA adapters) as a llama-architect
 
 def chat_template_of(plan: Any, template: str | None) -> str | None:
     """The Jinja chat template to store: a built-in by name, zhtune's recorded one, or the tokenizer's."""
-    from zhtune.data.templates import SIDECAR, get_format
+    from zhtune.text.templates import SIDECAR, get_format
 
     tdir = Path(plan.template_dir)
     if template or (tdir / SIDECAR).is_file():
@@ -63,7 +64,7 @@ def write_plan_gguf(plan: Any, path: Path, quant: str, template: str | None, nam
 
     from zhtune.export.gguf import write_gguf
     from zhtune.export.gguf_vocab import build_vocab
-    from zhtune.merge.hf import merged_config
+    from zhtune.model.merged import merged_config
 
     config = merged_config(plan, torch.float16)
     rows = plan.rows or config["vocab_size"]
@@ -79,7 +80,7 @@ def default_name(model: str, quant: str) -> str:
 def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     from zhtune.atomic import publish_files, tmp_sibling
     from zhtune.config.parse import save_config
-    from zhtune.merge.plan import plan_for
+    from zhtune.model.merged import plan_for
 
     if not isinstance(cfg, Config):
         cfg = build(SECTIONS, cfg)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from zhtune.atomic import tmp_sibling
-from zhtune.config.parse import ConfigError
 from zhtune.deps import require
+from zhtune.errors import ConfigError
 from zhtune.export.gguf_vocab import Vocab, add_to_writer
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 
 # gguf.TokenType values (kept here so this table reads without importing gguf)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -217,7 +217,7 @@ def _adds_bos_eos(tok: Any) -> tuple[bool, bool]:
 
 def _end_of_turn(tok: Any, chat_template: str | None) -> int | None:
     """The end-of-turn token of a chat template (e.g. <|im_end|>) when it is a single token other than eos."""
-    from zhtune.data.templates import KNOWN_END_TOKENS
+    from zhtune.text.templates import KNOWN_END_TOKENS
 
     vocab = tok.get_vocab()
     for t in KNOWN_END_TOKENS:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from zhtune.config.args import GenerationArgs, ModelArgs
-from zhtune.config.parse import Config, ConfigError, build, field, parse_cli
+from zhtune.config.parse import Config, build, field, parse_cli
+from zhtune.errors import ConfigError
 from zhtune.infer.engine import EngineArgs
 
 HELP = (

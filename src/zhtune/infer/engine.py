@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zhtune.config.args import GenerationArgs, ModelArgs
-from zhtune.config.parse import ConfigError, field
-from zhtune.data.encode import SegmentEncoder
-from zhtune.data.templates import ChatFormat, Message, get_format
+from zhtune.config.parse import field
+from zhtune.errors import ConfigError
 from zhtune.infer.stream import Job, Reply
+from zhtune.text.encode import SegmentEncoder
+from zhtune.text.templates import ChatFormat, Message, get_format
 
 log = logging.getLogger(__name__)
 BACKENDS = ("generate", "continuous", "static")

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.config.args import GenerationArgs, ModelArgs
-from zhtune.config.parse import Config, ConfigError, build, field, parse_cli
-from zhtune.data.readers import DataError, detect_format, iter_json_records, to_messages
-from zhtune.data.templates import Message
+from zhtune.config.parse import Config, build, field, parse_cli
+from zhtune.errors import ConfigError, DataError
 from zhtune.infer.engine import EngineArgs
+from zhtune.text.records import detect_format, iter_json_records, to_messages
+from zhtune.text.templates import Message
 
 log = logging.getLogger(__name__)
 PLACEHOLDER = "\u2026"  # stands in for a missing answer while the record is checked

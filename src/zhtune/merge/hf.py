@@ -10,14 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from zhtune.config.parse import ConfigError
-from zhtune.merge.plan import MergePlan
-
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+from zhtune.errors import ConfigError
+from zhtune.model.merged import DTYPE_NAMES, MergePlan, merged_config
 
 
 def parse_size(size: str | int) -> int:
@@ -78,21 +75,9 @@ def write_weights(
     return {"shards": n, "bytes": total}
 
 
-def merged_config(plan: MergePlan, dtype: torch.dtype) -> dict[str, Any]:
-    cfg = dict(plan.base.config)
-    if plan.rows is not None:
-        cfg["vocab_size"] = plan.rows
-    cfg["tie_word_embeddings"] = plan.tensors.tied
-    cfg["dtype"] = DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
-    cfg.pop("torch_dtype", None)
-    cfg.pop("quantization_config", None)
-    cfg.pop("_name_or_path", None)
-    return cfg
-
-
 def write_model_files(plan: MergePlan, out: Path, dtype: torch.dtype, template: str | None) -> str:
     """config.json, generation_config.json, tokenizer (with chat template) and remote code files."""
-    from zhtune.data.templates import SIDECAR, attach, get_format, save_tokenizer, write_sidecar
+    from zhtune.text.templates import SIDECAR, attach, get_format, save_tokenizer, write_sidecar
 
     base = plan.base.dir
     (out / "config.json").write_text(

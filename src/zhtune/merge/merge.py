@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zhtune.config.args import GgufArgs, ModelArgs
-from zhtune.config.parse import Config, ConfigError, build, field, parse_cli
+from zhtune.config.parse import Config, build, field, parse_cli
+from zhtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     from zhtune.atomic import atomic_dir
     from zhtune.config.parse import save_config
     from zhtune.merge.hf import check_dtype, parse_size, write_model_files, write_weights
-    from zhtune.merge.plan import plan_for
+    from zhtune.model.merged import plan_for
 
     if not isinstance(cfg, Config):
         cfg = build(SECTIONS, cfg)

@@ -15,8 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from zhtune.atomic import atomic_dir
-from zhtune.config.parse import ConfigError
-from zhtune.deps import MissingDependency
+from zhtune.errors import ConfigError, MissingDependency
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PAD_MULTIPLE = 64

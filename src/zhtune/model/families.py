@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 
 LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from zhtune.config.args import ModelArgs
-from zhtune.config.parse import ConfigError
-from zhtune.deps import MissingDependency, require
+from zhtune.deps import require
+from zhtune.errors import ConfigError, MissingDependency
 from zhtune.model import default as default_model
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import ConfigError, build, field
+from zhtune.config.parse import build, field
+from zhtune.errors import ConfigError
 
 NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 REF = re.compile(r"\$\{([^}]*)\}")

@@ -157,7 +157,7 @@ def tokenizer_section(data: dict[str, Any], text_files: list[str], out: Path) ->
     if len(toks) < 2 or not files:
         return []
     try:
-        from zhtune.vocab.corpus import list_text_files, sample_documents
+        from zhtune.text.documents import list_text_files, sample_documents
         from zhtune.vocab.stats import measure
     except ImportError:
         return []

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import Config, ConfigError, build, parse_cli
+from zhtune.config.parse import Config, build, parse_cli
+from zhtune.errors import ConfigError
 from zhtune.pipeline.recipe import SECTIONS, PipelineArgs, StageSpec, stage_config
 from zhtune.pipeline.stages import COMMANDS, State, command_config, eval_specs
 

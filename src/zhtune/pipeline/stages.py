@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _wire_data(opts: dict, st: State, out: Path) -> dict:
 
 
 def _advance_data(st: State, out: Path, opts: dict, res: dict, planned: bool) -> None:
-    from zhtune.data.snownlp_demo import FILES
+    from zhtune.demo.build import FILES
 
     st.data.update(res["files"] if not planned else {k: str(out / v) for k, v in FILES.items()})
 
@@ -194,7 +194,7 @@ def _advance_eval(st: State, out: Path, opts: dict, res: dict, planned: bool) ->
 
 
 COMMANDS: dict[str, Command] = {
-    "demo_data": Command("zhtune.data.snownlp_demo", _wire_data, _advance_data),
+    "demo_data": Command("zhtune.demo.build", _wire_data, _advance_data),
     "vocab_train": Command("zhtune.vocab.train", _wire_vocab_train, _advance_vocab_train),
     "vocab_merge": Command("zhtune.vocab.merge", _wire_vocab_merge, _advance_vocab_merge),
     "pt": Command("zhtune.train.pt", _wire_train, _advance_train("stage", ("lora",)), trains=True),

@@ -27,8 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zhtune.config.args import GenerationArgs
-from zhtune.config.parse import ConfigError
-from zhtune.data.readers import validate
+from zhtune.errors import ConfigError
 from zhtune.serve.asgi import JobStream
 from zhtune.serve.protocol import (
     APIError,
@@ -42,6 +41,7 @@ from zhtune.serve.protocol import (
     new_id,
     usage,
 )
+from zhtune.text.records import validate
 
 log = logging.getLogger("zhtune.serve")
 PAGE_CSP = (

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.config.args import ModelArgs
-from zhtune.config.parse import Config, ConfigError, build, field, parse_cli
+from zhtune.config.parse import Config, build, field, parse_cli
+from zhtune.errors import ConfigError
 from zhtune.infer.engine import EngineArgs
 
 log = logging.getLogger("zhtune.serve")

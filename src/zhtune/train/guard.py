@@ -25,14 +25,12 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from zhtune.errors import TrainingStopped
+
 log = logging.getLogger(__name__)
 MIN_LOSS_SCALE = 1.0
 MAX_OVERFLOWS_IN_A_ROW = 25
 CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped on purpose, with a message saying why and what to do; its checkpoints are intact."""
 
 
 class LossGuard(TrainerCallback):

@@ -35,7 +35,7 @@ def split_launch_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
         if name in LAUNCH_FLAGS:
             if not eq:
                 if i + 1 >= len(argv):
-                    from zhtune.config.parse import ConfigError
+                    from zhtune.errors import ConfigError
 
                     raise ConfigError(f"--{name} needs a value")
                 value = argv[i + 1]

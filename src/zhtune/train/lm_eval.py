@@ -2,7 +2,7 @@
 
 Perplexity is exp(mean loss per predicted token): it depends on the tokenizer, so it cannot compare a model
 with its vocabulary-extended self. Bits per character divides the same total loss, in bits, by the
-characters those tokens spell (each block's ``n_chars``, see :mod:`zhtune.data.pt`): the cost of the text
+characters those tokens spell (each block's ``n_chars``, see :mod:`zhtune.train.pt_data`): the cost of the text
 itself, whichever way it was cut into tokens.
 """
 
@@ -16,10 +16,10 @@ def evaluate_lm(
 ) -> dict[str, float]:
     """Total loss over every predicted token of every block; returns loss, perplexity and bits per character.
 
-    The scoring is :func:`zhtune.eval.perplexity.window_nll`, as ``zhtune eval`` does on text files: each
+    The scoring is :func:`zhtune.score.nll.window_nll`, as ``zhtune eval`` does on text files: each
     block is one window whose first token is context.
     """
-    from zhtune.eval.perplexity import metrics, window_nll
+    from zhtune.score.nll import metrics, window_nll
 
     rows = dataset[0 : len(dataset)]
     nll, tokens = window_nll(model, [(list(ids), 1) for ids in rows["input_ids"]], batch_size, desc=desc)

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.atomic import TMP_PREFIX, publish_files, tmp_sibling
-from zhtune.config.parse import Config, ConfigError, save_config
-from zhtune.data.templates import ChatFormat, save_tokenizer, write_sidecar
+from zhtune.config.parse import Config, save_config
+from zhtune.errors import ConfigError
+from zhtune.text.templates import ChatFormat, save_tokenizer, write_sidecar
 
 MARKERS = ("adapter_config.json", "config.json")
 
@@ -69,7 +70,8 @@ def _write_final(
     summary: dict[str, Any],
     main: bool,
 ) -> None:
-    from zhtune.train.trainer import CONFIG_NAME, write_json
+    from zhtune.atomic import write_json
+    from zhtune.train.trainer import CONFIG_NAME
 
     trainer.save_model(str(staging))  # writes on the main process only
     if not main:

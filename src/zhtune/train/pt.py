@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zhtune.config.args import LoraArgs, ModelArgs, TrainArgs
-from zhtune.config.parse import Config, ConfigError, field
-from zhtune.data.pt import PtDataArgs
+from zhtune.config.parse import Config, field
+from zhtune.errors import ConfigError
+from zhtune.train.pt_data import PtDataArgs
 
 log = logging.getLogger(__name__)
 DESCRIPTION = "Continue pre-training on plain text: embeddings, LoRA + embeddings (Chinese-LLaMA), or full."
@@ -149,18 +150,18 @@ def main(
 
     ``data`` = (train blocks, validation blocks or None, report) skips reading --dataset_dir: any sequences
     of ``{"input_ids": [...], "n_chars": n}`` (with slicing to dicts of lists, as a ``datasets.Dataset``
-    has) built by :func:`zhtune.data.pt.encode_documents` and :func:`zhtune.data.pt.group_blocks`.
+    has) built by :func:`zhtune.train.pt_data.encode_documents` and :func:`zhtune.train.pt_data.group_blocks`.
     ``callbacks`` are added to the trainer's.
     """
     import torch
     from transformers import set_seed
 
-    from zhtune.data.pt import BlockCollator, build_pt_data
-    from zhtune.data.templates import get_format
     from zhtune.model.embeddings import fit_embeddings
     from zhtune.model.loader import load_model, load_tokenizer, pick_device, pick_dtype, resolve
+    from zhtune.text.templates import get_format
     from zhtune.train.lm_eval import evaluate_lm
     from zhtune.train.outputs import check_output_dir, save_final
+    from zhtune.train.pt_data import BlockCollator, build_pt_data
     from zhtune.train.setup import count_parameters
     from zhtune.train.trainer import (
         LossCurveCallback,

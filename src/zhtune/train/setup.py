@@ -50,7 +50,7 @@ def prepare_for_training(
     resolve_checkpointing(model, largs, targs, tokens_per_step, device)
     if largs.finetuning_type == "full":
         if quantized:
-            from zhtune.config.parse import ConfigError
+            from zhtune.errors import ConfigError
 
             raise ConfigError(
                 "a quantized base cannot be fully fine-tuned; use --finetuning_type lora (QLoRA)"

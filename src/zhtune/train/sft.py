@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.config.args import DataArgs, LoraArgs, ModelArgs, TrainArgs
-from zhtune.config.parse import Config, ConfigError
+from zhtune.config.parse import Config
+from zhtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 SECTIONS = {"model": ModelArgs, "data": DataArgs, "lora": LoraArgs, "train": TrainArgs}
@@ -39,14 +40,14 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import DataCollatorForSeq2Seq, set_seed
 
-    from zhtune.data.sft import build_sft_data
-    from zhtune.data.templates import attach, get_format
     from zhtune.model.embeddings import fit_embeddings
     from zhtune.model.loader import load_model, load_tokenizer, pick_device, pick_dtype, resolve
+    from zhtune.text.templates import attach, get_format
     from zhtune.train.launch import main_process_first
     from zhtune.train.outputs import check_output_dir, save_final
     from zhtune.train.packing import PackingCollator, pack_dataset
     from zhtune.train.setup import count_parameters, prepare_for_training
+    from zhtune.train.sft_data import build_sft_data
     from zhtune.train.trainer import (
         LossCurveCallback,
         PeakMemoryCallback,

@@ -137,8 +137,8 @@ def needs_checkpointing(
 def plan(model: Any, args: Any, t: Any | None, attn_requested: str | None = None) -> SpeedPlan:
     """Decide and apply the speed settings for a model about to be trained with TrainingArguments ``args``
     (``t``: the zhtune TrainArgs, or None for defaults; ``attn_requested``: --attn_implementation)."""
-    from zhtune.config.parse import ConfigError
-    from zhtune.train.loss import head_weight
+    from zhtune.errors import ConfigError
+    from zhtune.score.loss import head_weight
 
     p = SpeedPlan()
     mixed = "bf16" if args.bf16 else ("fp16" if args.fp16 else None)

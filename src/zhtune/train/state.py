@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 
 FORMAT = "zhtune-state-1"
 # the pickle files Hugging Face Trainer would write in a checkpoint, by the state they hold

@@ -28,7 +28,8 @@ from transformers.training_args import ParallelMode
 
 from zhtune.atomic import TMP_PREFIX, clean_stale_tmp, fsync_dir, fsync_tree
 from zhtune.config.args import TrainArgs
-from zhtune.config.parse import Config, ConfigError, save_config
+from zhtune.config.parse import Config, save_config
+from zhtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
@@ -230,7 +231,7 @@ class ZhTrainer(Trainer):
     def _loss(self, model, inputs, return_outputs, num_items_in_batch):  # noqa: ANN001
         if self.speed.loss != "chunked" or "labels" not in inputs or not torch.is_grad_enabled():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from zhtune.train.loss import capture_final_hidden, head_weight, linear_cross_entropy
+        from zhtune.score.loss import capture_final_hidden, head_weight, linear_cross_entropy
 
         inputs = dict(inputs)
         labels = inputs.pop("labels")
@@ -455,9 +456,3 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def write_json(path: Path, data: Any) -> None:
-    from zhtune.atomic import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2))

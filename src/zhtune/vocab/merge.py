@@ -1,7 +1,7 @@
 """``zhtune vocab merge``: extend a base tokenizer with a Chinese vocabulary, base ids unchanged.
 
-SentencePiece bases get the Chinese pieces appended to their model proto (:mod:`zhtune.vocab.merge_sp`);
-byte-level BPE bases get new vocab entries and merges (:mod:`zhtune.vocab.merge_bpe`). The output directory
+SentencePiece bases get the Chinese pieces appended to their model proto (:mod:`zhtune.vocab.sp`);
+byte-level BPE bases get new vocab entries and merges (:mod:`zhtune.vocab.bpe`). The output directory
 loads with ``AutoTokenizer.from_pretrained`` and keeps the base's special tokens and chat template; it is
 checked before it is published (base ids, English and code ids, fast against SentencePiece).
 """
@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from zhtune.config.parse import Config, ConfigError, build, field, parse_cli
+from zhtune.config.parse import Config, build, field, parse_cli
+from zhtune.errors import ConfigError
+from zhtune.vocab.base import Base, load_base
 
 log = logging.getLogger(__name__)
 DESCRIPTION = "Merge a Chinese vocabulary into a LLaMA-family tokenizer (SentencePiece or byte-level BPE)."
@@ -76,52 +78,8 @@ class MergeArgs:
 SECTIONS = {"merge": MergeArgs}
 
 
-@dataclass
-class Base:
-    tokenizer: Any | None  # a transformers tokenizer, or None for a bare .model file
-    sp_proto: Any | None  # the SentencePiece proto when the base has one
-    path: str
-    origin: str
-
-
-def load_base(name: str) -> Base:
-    """Load a base tokenizer from a directory, a .model file, a .gguf model, 'default' or a model id."""
-    from transformers import AutoTokenizer
-
-    from zhtune.vocab.merge_sp import load_proto
-
-    p = Path(name).expanduser()
-    if p.is_file() and p.suffix != ".gguf":  # a GGUF model is resolved (converted once) like 'default'
-        if p.suffix != ".model":
-            raise ConfigError(
-                f"{p}: a base tokenizer file must be a SentencePiece .model; else pass its directory"
-            )
-        try:
-            return Base(None, load_proto(p.read_bytes()), str(p), name)
-        except Exception as e:  # noqa: BLE001 - protobuf raises its own types
-            raise ConfigError(f"{p} is not a SentencePiece model: {e}") from None
-    if p.is_dir():
-        path = str(p)
-    else:
-        from zhtune.model.loader import resolve
-
-        path = resolve(name).path
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - re-raised with the path
-        raise ConfigError(f"cannot load a tokenizer from {path}: {e}") from None
-    proto = None
-    model_file = Path(path) / "tokenizer.model"
-    if model_file.is_file():
-        try:
-            proto = load_proto(model_file.read_bytes())
-        except Exception:  # noqa: BLE001 - e.g. a tiktoken file named tokenizer.model
-            proto = None
-    return Base(tok, proto, path, name)
-
-
 def _read_lines(files: list[str]) -> list[str]:
-    from zhtune.vocab.corpus import iter_documents, list_text_files
+    from zhtune.text.documents import iter_documents, list_text_files
 
     return [t for f in list_text_files(files) for _, t in iter_documents(f)]
 
@@ -133,8 +91,8 @@ def _has_cjk(text: str) -> bool:
 def _merge_sp(m: MergeArgs, base: Base, tmp: Path) -> dict[str, Any]:
     from transformers import LlamaTokenizer
 
-    from zhtune.data.templates import save_tokenizer
-    from zhtune.vocab.merge_sp import load_proto, merge_protos, special_pieces, vocab_and_merges
+    from zhtune.text.templates import save_tokenizer
+    from zhtune.vocab.sp import load_proto, merge_protos, special_pieces, vocab_and_merges
 
     src = Path(m.chinese_sp_model_file or m.vocab)
     try:
@@ -168,8 +126,8 @@ def _merge_sp(m: MergeArgs, base: Base, tmp: Path) -> dict[str, Any]:
 
 
 def _bpe_candidates(path: Path) -> list[tuple[str, tuple[str, str] | None]]:
-    from zhtune.vocab.merge_bpe import byte_decoder, candidates_from_tokenizer_json
-    from zhtune.vocab.merge_sp import NORMAL, load_proto
+    from zhtune.vocab.bpe import byte_decoder, candidates_from_tokenizer_json
+    from zhtune.vocab.sp import NORMAL, load_proto
 
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -184,8 +142,8 @@ def _bpe_candidates(path: Path) -> list[tuple[str, tuple[str, str] | None]]:
 
 
 def _merge_bpe(m: MergeArgs, base: Base, tmp: Path) -> dict[str, Any]:
-    from zhtune.data.templates import save_tokenizer
-    from zhtune.vocab.merge_bpe import extend
+    from zhtune.text.templates import save_tokenizer
+    from zhtune.vocab.bpe import extend
 
     src = Path(m.vocab or m.chinese_sp_model_file)
     cands = _bpe_candidates(src)
@@ -258,9 +216,8 @@ def as_config(cfg: Config | dict[str, Any]) -> Config:
 
 
 def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
-    from zhtune.atomic import atomic_dir
-    from zhtune.vocab.corpus import write_json
-    from zhtune.vocab.train import base_kind
+    from zhtune.atomic import atomic_dir, write_json
+    from zhtune.vocab.base import base_kind
 
     cfg = as_config(cfg)
     m = cfg.merge

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import Config, ConfigError, build, field, parse_cli
+from zhtune.config.parse import Config, build, field, parse_cli
+from zhtune.errors import ConfigError
 
 DESCRIPTION = "Compare tokenizers on text: tokens per character and per Han character."
 
@@ -47,7 +48,7 @@ def _encoder(name: str) -> Any:
 
         sp = spm.SentencePieceProcessor(model_file=str(p))
         return lambda batch: [len(x) for x in sp.encode(batch)]
-    from zhtune.vocab.merge import load_base
+    from zhtune.vocab.base import load_base
 
     tok = load_base(name).tokenizer
     backend = getattr(tok, "backend_tokenizer", None)
@@ -59,7 +60,7 @@ def _encoder(name: str) -> Any:
 def measure(names: list[str], texts: list[str]) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
-    from zhtune.vocab.corpus import count_han
+    from zhtune.text.documents import count_han
 
     chars = sum(len(t) for t in texts)
     han = sum(count_han(t) for t in texts)
@@ -108,14 +109,14 @@ def as_config(cfg: Config | dict[str, Any]) -> Config:
 
 
 def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
-    from zhtune.vocab.corpus import list_text_files, sample_documents
+    from zhtune.text.documents import list_text_files, sample_documents
 
     s = as_config(cfg).stats
     files = list_text_files(s.input)
     texts, counts = sample_documents(files, max_lines=s.max_lines, max_chars=1 << 40, text_field=s.text_field)
     result = {"files": [str(f) for f in files], **counts, "results": measure(s.tokenizers, texts)}
     if s.output_file:
-        from zhtune.vocab.corpus import write_json
+        from zhtune.atomic import write_json
 
         write_json(Path(s.output_file), result)
     return result

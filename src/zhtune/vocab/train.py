@@ -12,13 +12,14 @@ The corpus is sampled (``--max_lines``, ``--max_chars``), so memory stays bounde
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from zhtune.config.parse import Config, ConfigError, build, field, parse_cli
+from zhtune.config.parse import Config, build, field, parse_cli
+from zhtune.errors import ConfigError
+from zhtune.vocab.base import base_kind
 
 log = logging.getLogger(__name__)
 DESCRIPTION = "Train a Chinese vocabulary (sentencepiece, or BPE with a byte-level base's pre-tokenizer)."
@@ -70,22 +71,6 @@ class VocabTrainArgs:
 
 
 SECTIONS = {"vocab": VocabTrainArgs}
-
-
-def base_kind(tok: Any) -> str:
-    """'bytelevel' for a byte-level BPE, 'sentencepiece' for a SentencePiece-style BPE (Metaspace), else 'other'."""
-    spec = json.loads(tok.backend_tokenizer.to_str()) if hasattr(tok, "backend_tokenizer") else {}
-    text = json.dumps({k: spec.get(k) for k in ("pre_tokenizer", "normalizer", "decoder")})
-    model = (spec.get("model") or {}).get("type")
-    if (
-        model == "BPE"
-        and '"ByteLevel"' in text
-        and '"type": "ByteLevel"' in json.dumps(spec.get("pre_tokenizer"))
-    ):
-        return "bytelevel"
-    if model == "BPE" and ("Metaspace" in text or "\u2581" in text):
-        return "sentencepiece"
-    return "other"
 
 
 def _train_sentencepiece(v: VocabTrainArgs, docs: list[str], out: Path, base_proto: Any | None) -> Path:
@@ -174,9 +159,9 @@ def as_config(cfg: Config | dict[str, Any]) -> Config:
 
 
 def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
-    from zhtune.atomic import atomic_dir
-    from zhtune.vocab.corpus import list_text_files, sample_documents, write_json
-    from zhtune.vocab.merge import load_base
+    from zhtune.atomic import atomic_dir, write_json
+    from zhtune.text.documents import list_text_files, sample_documents
+    from zhtune.vocab.base import load_base
 
     v = as_config(cfg).vocab
     out = Path(v.output_dir)

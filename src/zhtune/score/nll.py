@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from zhtune.data.readers import DataError
+from zhtune.errors import DataError
 
 
 @dataclass
@@ -36,7 +36,7 @@ class TextOptions:
 def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     """Documents of a .txt (one a line) or .jsonl (``text_field`` of each record) file, as the vocabulary
     tools read them (malformed lines are errors naming file:line)."""
-    from zhtune.vocab.corpus import iter_documents as numbered
+    from zhtune.text.documents import iter_documents as numbered
 
     if not path.is_file():
         raise DataError(path, None, "text file does not exist")

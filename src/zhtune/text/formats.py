@@ -1,6 +1,6 @@
 """Write chat messages back in each record format, and edit the texts of a record in its own format.
 
-Reading a record into messages is :func:`zhtune.data.readers.to_messages`; this is the other direction,
+Reading a record into messages is :func:`zhtune.text.records.to_messages`; this is the other direction,
 plus :func:`map_texts`, which rewrites every text of a record (keeping its format, ids and other fields),
 so a cleaning tool hands back the same kind of record it was given.
 """
@@ -11,8 +11,8 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-from zhtune.data.readers import ROLE_ALIASES
-from zhtune.data.templates import Message
+from zhtune.text.records import ROLE_ALIASES
+from zhtune.text.templates import Message
 
 FORMATS = ("alpaca", "sharegpt", "messages", "vicuna_chat")
 # the fields each format owns; everything else (id, source, ...) is carried over by convert

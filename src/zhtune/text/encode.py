@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from zhtune.data.templates import ChatFormat, Message, Segment
+from zhtune.text.templates import ChatFormat, Message, Segment
 
 IGNORE = -100
 

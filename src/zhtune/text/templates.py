@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 
 Message = dict[str, str]
 Segment = tuple[str, bool]
@@ -53,7 +53,7 @@ FIELDS = (
 
 @functools.cache
 def builtin_specs() -> dict[str, dict[str, Any]]:
-    text = resources.files("zhtune.data").joinpath("templates.yaml").read_text(encoding="utf-8")
+    text = resources.files("zhtune.text").joinpath("templates.yaml").read_text(encoding="utf-8")
     specs = yaml.safe_load(text)
     for name, spec in specs.items():
         unknown = set(spec) - set(FIELDS)

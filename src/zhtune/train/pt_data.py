@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.atomic import atomic_dir
-from zhtune.config.parse import ConfigError, field
+from zhtune.config.parse import field
+from zhtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PT_VERSION = "2"  # bump when encoding or grouping changes, to invalidate caches
@@ -131,14 +132,14 @@ def _group(batch: dict[str, list], block_size: int) -> dict[str, list]:
 
 
 def _gen(path: str, text_field: str):
-    from zhtune.vocab.corpus import iter_documents
+    from zhtune.text.documents import iter_documents
 
     for _, text in iter_documents(Path(path), text_field):
         yield {"text": text}
 
 
 def cache_key(path: Path, tokenizer: Any, d: PtDataArgs) -> str:
-    from zhtune.data.sft import _file_digest, tokenizer_digest
+    from zhtune.train.sft_data import _file_digest, tokenizer_digest
 
     h = hashlib.sha256()
     h.update(_file_digest(path).encode())
@@ -154,7 +155,7 @@ def tokenize_file(
     counts, cached)."""
     import datasets
 
-    from zhtune.data.readers import dataset_from_generator
+    from zhtune.text.records import dataset_from_generator
 
     target = cache_dir / f"pt-{path.stem[:40]}-{cache_key(path, tokenizer, d)}"
     if target.is_dir() and not d.overwrite_cache:
@@ -201,8 +202,8 @@ def tokenize_file(
 
 
 def pt_files(d: PtDataArgs) -> list[Path]:
-    from zhtune.data.readers import DataError
-    from zhtune.vocab.corpus import list_text_files
+    from zhtune.errors import DataError
+    from zhtune.text.documents import list_text_files
 
     given = ([d.dataset_dir] if d.dataset_dir else []) + list(d.train_files or [])
     if not given:
@@ -214,9 +215,9 @@ def build_pt_data(tokenizer: Any, d: PtDataArgs, seed: int) -> tuple[Any, Any | 
     """Training and optional validation blocks, with a report of what was read."""
     import datasets
 
-    from zhtune.data.readers import DataError
+    from zhtune.errors import DataError
     from zhtune.model.default import cache_root
-    from zhtune.vocab.corpus import list_text_files
+    from zhtune.text.documents import list_text_files
 
     cache_dir = Path(d.data_cache_dir) if d.data_cache_dir else cache_root() / "datasets"
     rep = PtReport()

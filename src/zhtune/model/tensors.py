@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from zhtune.config.parse import ConfigError
+from zhtune.errors import ConfigError
 from zhtune.model.adapters import AdapterLayout, Shapes, load_adapter_tensors
 
 ST_DTYPES = {

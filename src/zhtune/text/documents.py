@@ -11,7 +11,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from zhtune.data.readers import DataError
+from zhtune.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -115,10 +115,3 @@ def sample_documents(
     if not keep:
         raise DataError(files[0] if files else "<corpus>", None, "the corpus holds no non-empty document")
     return keep, {"documents_read": seen, "documents_sampled": len(keep), "chars_sampled": chars}
-
-
-def write_json(path: str | Path, data: object) -> None:
-    """Write a report as indented UTF-8 JSON, atomically."""
-    from zhtune.atomic import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2))
