@@ -10,6 +10,8 @@ The conversation up to the last assistant turn is the prompt; that turn is the r
 * ``f1``: items of structured answers (``人名：甲、乙；地名：无``: fields split at ；/; or new lines, items at
   、/，/, and keyed by the text before ：) compared as sets; micro precision, recall and F1 over the whole set,
   plus the share of replies that are exactly right. For extraction tasks such as NER.
+* ``cloze``: the file holds cloze items instead (:mod:`zhtune.eval.cloze`): the option whose filled
+  sentence is likeliest is the prediction.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from zhtune.errors import DataError
 from zhtune.text.records import iter_json_records, to_messages
 from zhtune.text.templates import Message
 
-METRICS = ("labels", "exact", "contains", "f1")
+METRICS = ("labels", "exact", "contains", "f1", "cloze")
 MAX_LABELS = 50
 _TRAILING = "。．.!！?？;；,，、 "
 
@@ -31,7 +33,7 @@ _TRAILING = "。．.!！?？;；,，、 "
 @dataclass
 class TaskOptions:
     file: str
-    metric: Literal["labels", "exact", "contains", "f1"] = "labels"
+    metric: Literal["labels", "exact", "contains", "f1", "cloze"] = "labels"
     labels: list[str] | None = None
     max_samples: int | None = None
     max_new_tokens: int = 64
@@ -92,6 +94,10 @@ def _with_system(msgs: list[Message], system: str | None) -> list[Message]:
 
 
 def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions) -> dict[str, Any]:
+    if opts.metric == "cloze":
+        from zhtune.eval import cloze
+
+        return cloze.evaluate(model, tok, opts)
     items = read_items(opts.file, opts.max_samples)
     prompts = [_with_system(m, opts.system_prompt) for _, m, _ in items]
     refs = [r for _, _, r in items]
