@@ -7,7 +7,7 @@ Tasks (any number in one run; on the command line one of each kind, in a recipe 
   per-subject, per-category and average accuracy, or a submission file where the split has no answers;
 * text: ``--text_files`` bits per character (comparable across tokenizers) and perplexity;
 * instruction tasks: ``--task_file`` with reference outputs, scored by ``--task_metric`` labels (label
-  likelihood), exact, contains or f1 (greedy replies);
+  likelihood), exact, contains or f1 (greedy replies, with their speed in Chinese characters per second);
 * cloze: ``--task_file items.jsonl --task_metric cloze`` (``python -m zhtune.demo.cloze`` writes one from
   held-out People's Daily), scored by the likelihood of each filled sentence.
 

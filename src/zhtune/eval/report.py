@@ -74,6 +74,9 @@ def _task_rows(task: str, metric: str, res: list[dict]) -> Iterator[tuple[str, s
                 "pct",
                 [((r.get("per_pos") or {}).get(pos) or {}).get("accuracy") for r in res],
             )
+    if metric in ("exact", "contains", "f1"):
+        yield task, "Han chars/s", "{:.1f}", [r.get("chars_per_s") for r in res]
+        yield task, "tokens/char", "{:.3f}", [r.get("tokens_per_char") for r in res]
 
 
 def cells(fmt: str, values: list[Any]) -> list[str]:
