@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,23 @@ from zhtune.atomic import atomic_write_bytes
 
 
 class LossCurveCallback(TrainerCallback):
-    """Writes loss_curve.png (train and eval loss against step) at every log and at the end."""
+    """Writes loss_curve.png (train and eval loss against step) at the end of training, after every
+    evaluation, and at a training log at most every ``every_s`` seconds: drawing it takes a good part of a
+    second, which at ``--logging_steps 1`` on a small model would cost more than the steps."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, every_s: float = 60.0):
         self.path = Path(path)
+        self.every_s = every_s
+        self.last = time.monotonic()
 
-    def on_log(self, args, state, control, **kwargs):  # noqa: ANN001
-        if state.is_world_process_zero:
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.last = time.monotonic()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        due = "eval_loss" in (logs or {}) or time.monotonic() - self.last >= self.every_s
+        if state.is_world_process_zero and due:
             plot_loss(state.log_history, self.path)
+            self.last = time.monotonic()
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
         if state.is_world_process_zero:
