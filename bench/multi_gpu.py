@@ -43,9 +43,10 @@ def scaling_worker(a: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
+    from zhtune.train.args import build_training_arguments
     from zhtune.train.setup import prepare_for_training
-    from zhtune.train.sft import as_config
-    from zhtune.train.trainer import ZhTrainer, build_training_arguments
+    from zhtune.train.sft import SftConfig
+    from zhtune.train.trainer import ZhTrainer
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -77,7 +78,7 @@ def scaling_worker(a: argparse.Namespace) -> None:
         "lora_dropout": 0.0, "trainable": TARGETS, "seed": 42, "gradient_checkpointing": False,
         "train_sampling_strategy": "sequential", "disable_tqdm": True, "compile_layers": False,
     }  # fmt: skip
-    zc = as_config(flat)
+    zc = SftConfig.of(flat)
     model = prepare_for_training(model, zc.model, zc.lora, zc.train, device=dev)
     args = build_training_arguments(zc.train, has_eval=False, device=dev)
 

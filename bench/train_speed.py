@@ -291,10 +291,11 @@ def zhtune_case(name: str, variant: dict) -> dict:
     import torch
     from transformers import TrainerCallback
 
+    from zhtune.train.args import build_training_arguments
     from zhtune.train.packing import PackingCollator, pack_dataset
     from zhtune.train.setup import prepare_for_training
-    from zhtune.train.sft import as_config
-    from zhtune.train.trainer import ZhTrainer, build_training_arguments
+    from zhtune.train.sft import SftConfig
+    from zhtune.train.trainer import ZhTrainer
 
     shape, seq, bs, gc_on, vocab, head = case(name)
     tag = variant.get("tag", "")
@@ -327,7 +328,7 @@ def zhtune_case(name: str, variant: dict) -> dict:
         "packing": real,
     }  # fmt: skip
     flat.update(variant.get("opts", {}))
-    zc = as_config(flat)
+    zc = SftConfig.of(flat)
     t = zc.train
     model = prepare_for_training(model, zc.model, zc.lora, t, tokens_per_step=rows_bs * seq, device=device())
     args = build_training_arguments(t, has_eval=False, device=device())

@@ -35,13 +35,10 @@ def sections_for(path):
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(REPO)) for p in RECIPES])
 def test_recipe_loads(path):
-    module = sections_for(path)
-    passthrough = {}
-    if "train" in module.SECTIONS:
-        from zhtune.train.trainer import training_arguments_fields
+    from zhtune.pipeline.stages import sections
 
-        passthrough = {"train": training_arguments_fields()}
-    cfg = build(module.SECTIONS, recipe=path, passthrough=passthrough)
+    secs, passthrough = sections(sections_for(path))  # the pipeline's own check of a stage's options
+    cfg = build(secs, recipe=path, passthrough=passthrough)
     assert cfg.to_dict()
 
 
@@ -102,12 +99,16 @@ def test_demo_pipeline_runs_the_whole_path():
 
 
 def _sft(rel):
-    from zhtune.train import sft
-    from zhtune.train.trainer import training_arguments_fields
+    from zhtune.train.sft import SftConfig
 
-    return build(
-        sft.SECTIONS, recipe=REPO / "configs" / rel, passthrough={"train": training_arguments_fields()}
+    cfg = build(
+        SftConfig.section_types(),
+        recipe=REPO / "configs" / rel,
+        passthrough=SftConfig.passthrough(),
+        into=SftConfig,
     )
+    assert isinstance(cfg, SftConfig) and SftConfig.of(cfg) is cfg
+    return cfg
 
 
 def test_seed_sft_recipes():

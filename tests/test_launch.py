@@ -79,7 +79,7 @@ def test_two_process_ddp_through_the_cli_gives_the_single_process_losses(tiny_ll
 def test_deepspeed_configs_are_shipped_and_checked(tmp_path):
     from zhtune.deps import available
     from zhtune.errors import ConfigError, MissingDependency
-    from zhtune.train.trainer import check_deepspeed
+    from zhtune.train.args import check_deepspeed
 
     shipped = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
     assert {p.name for p in shipped} >= {"ds_zero2_no_offload.json", "ds_zero3.json"}

@@ -1,4 +1,5 @@
-"""zhtune sft end to end on tiny random models: outputs, pinned losses, caching, peft interop, resume."""
+"""zhtune sft end to end on tiny random models: outputs, caching, peft interop, resume (the pinned loss curves
+are in test_loss_curves.py)."""
 
 from __future__ import annotations
 
@@ -81,22 +82,6 @@ def test_sft_cli_writes_every_output(kind, tiny_llama_sp, tiny_llama_bpe, alpaca
     assert saved["data_report"]["train_samples"] == 19 and saved["data_report"]["eval_samples"] == 5
     res = json.loads((out / "train_results.json").read_text())
     assert "eval_loss" in res["metrics"]
-
-
-PINNED = [
-    6.538744,
-    6.573395,
-    6.552329,
-]  # deterministic tiny run (CPU, torch 2.13, transformers 5.17, peft 0.21)
-
-
-def test_tiny_sft_loss_curve_is_pinned(tiny_llama_sp, tmp_path):
-    data = write_alpaca(tmp_path / "d.json", 24, seed=5)
-    s = sft(
-        base_cfg(tiny_llama_sp, data, tmp_path / "o", tmp_path / "c", template="alpaca", max_seq_length=256)
-    )
-    got = losses(s)
-    assert got == pytest.approx(PINNED, abs=1e-5), got
 
 
 def test_second_run_reuses_tokenized_cache(tiny_llama_bpe, alpaca_file, tmp_path):

@@ -8,8 +8,8 @@ from conftest import write_alpaca
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from zhtune.score.loss import capture_final_hidden, head_weight, linear_cross_entropy
+from zhtune.train.args import resolve_optim
 from zhtune.train.speed import estimate_step_bytes, keep_adapter_inputs
-from zhtune.train.trainer import resolve_optim
 
 
 def tiny(vocab: int = 500) -> LlamaForCausalLM:

@@ -163,10 +163,12 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(work, tmp_path, mo
 
 
 def test_disk_full_in_the_final_save(work, tmp_path, monkeypatch):
+    import zhtune.train.outputs as outputs
+
     def full(*a, **kw):  # noqa: ANN002, ANN003
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("zhtune.atomic.write_json", full)  # outputs.py imports it when it publishes
+    monkeypatch.setattr(outputs, "write_json", full)
     out = tmp_path / "final"
     with pytest.raises(TrainingStopped, match=r"could not write the final outputs .*disk is full"):
         pt(cfg(work, out, max_steps=2))
@@ -207,7 +209,7 @@ def test_rolled_back_resume_keeps_its_own_checkpoint(tmp_path):
 def test_save_total_limit_1_always_leaves_the_resume_checkpoint(work, tmp_path):
     """At every save of a limit-1 run and its resume, the checkpoint 'resume true' would pick is complete."""
     from zhtune.config.args import TrainArgs
-    from zhtune.train.trainer import resolve_resume
+    from zhtune.train.resume import resolve_resume
 
     seen = []
 

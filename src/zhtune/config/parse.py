@@ -16,7 +16,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -108,13 +108,24 @@ def _parse_scalar(text: str) -> Any:
 
 
 class Config:
-    """A command's resolved configuration: one attribute per section, plus where each value came from."""
+    """A command's resolved configuration: one attribute per section, plus where each value came from.
+
+    A command with a fixed set of sections subclasses it and declares them as class annotations, in order
+    (``class SftConfig(Config): model: ModelArgs; data: DataArgs; ...``); :meth:`section_types` reads them
+    back and ``build(..., into=SftConfig)`` returns that type.
+    """
 
     def __init__(self, sections: dict[str, Any], source: str | None = None):
         self._sections = sections
         self.source = source
         for name, obj in sections.items():
             setattr(self, name, obj)
+
+    @classmethod
+    def section_types(cls) -> dict[str, type]:
+        """The sections a subclass declares as annotations, in order (none for a plain Config)."""
+        hints = typing.get_type_hints(cls)
+        return {name: tp for name, tp in hints.items() if dataclasses.is_dataclass(tp)}
 
     @property
     def sections(self) -> dict[str, Any]:
@@ -131,6 +142,9 @@ class Config:
 
     def __repr__(self) -> str:
         return f"Config({self.to_dict()!r})"
+
+
+C = TypeVar("C", bound=Config)
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -257,8 +271,13 @@ def build(
     recipe: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     passthrough: dict[str, set[str]] | None = None,
-) -> Config:
-    """Resolve a config from a recipe file, a dict (flat or sectioned) and overrides, in that order."""
+    into: type[C] = Config,  # type: ignore[assignment]
+) -> C:
+    """Resolve a config from a recipe file, a dict (flat or sectioned) and overrides, in that order.
+
+    ``passthrough`` names, per section, options that are not fields but go to its ``extra`` mapping as
+    they are; ``into`` is the Config subclass to return.
+    """
     passthrough = passthrough or {}
     merged: dict[str, dict[str, Any]] = {s: {} for s in sections}
     merged_extra: dict[str, dict[str, Any]] = {s: {} for s in sections}
@@ -287,7 +306,7 @@ def build(
         except ConfigError as e:
             src = f" (from {recipe})" if recipe else ""
             raise ConfigError(f"{e}{src}") from None
-    return Config(out, source=str(recipe) if recipe else None)
+    return into(out, source=str(recipe) if recipe else None)
 
 
 def format_help(prog: str, description: str, sections: dict[str, type], usage_extra: str = "") -> str:
@@ -331,7 +350,8 @@ def parse_cli(
     description: str,
     passthrough: dict[str, set[str]] | None = None,
     max_positional: int = 1,
-) -> Config:
+    into: type[C] = Config,  # type: ignore[assignment]
+) -> C:
     """Parse ``[recipe.yaml] --key value ...``; prints help and exits on --help.
 
     With ``--print_config`` it prints the resolved configuration as YAML (recipe, overrides and defaults,
@@ -357,7 +377,7 @@ def parse_cli(
                 f"unexpected argument {positional[0]!r}: {prog} takes an optional recipe.yaml, then --option value pairs"
             )
         recipe = positional[0]
-    cfg = build(sections, recipe=recipe, overrides=overrides, passthrough=passthrough)
+    cfg = build(sections, recipe=recipe, overrides=overrides, passthrough=passthrough, into=into)
     if print_only:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")
         raise SystemExit(0)

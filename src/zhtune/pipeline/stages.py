@@ -208,13 +208,12 @@ COMMANDS: dict[str, Command] = {
 
 
 def sections(module: Any) -> tuple[dict[str, type], dict[str, set[str]]]:
-    """A command module's config sections and the pass-through options it accepts."""
-    passthrough: dict[str, set[str]] = {}
-    if "train" in module.SECTIONS:
-        from zhtune.train.trainer import training_arguments_fields
-
-        passthrough = {"train": training_arguments_fields()}
-    return module.SECTIONS, passthrough
+    """A command module's config sections and the options it passes through as they are: a training
+    command's typed config (``CONFIG``) declares both; other commands pass nothing through."""
+    config = getattr(module, "CONFIG", None)
+    if config is not None:
+        return config.section_types(), config.passthrough()
+    return module.SECTIONS, {}
 
 
 def command_config(command: str, opts: dict) -> dict:

@@ -6,10 +6,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from zhtune.atomic import TMP_PREFIX, publish_files, tmp_sibling
+from zhtune.atomic import TMP_PREFIX, publish_files, tmp_sibling, write_json
 from zhtune.config.parse import Config, save_config
 from zhtune.errors import ConfigError
 from zhtune.text.templates import ChatFormat, save_tokenizer, write_sidecar
+from zhtune.train import guard
+from zhtune.train.trainer import CONFIG_NAME
 
 MARKERS = ("adapter_config.json", "config.json")
 
@@ -47,11 +49,9 @@ def save_final(
     try:
         _write_final(trainer, tokenizer, fmt, cfg, staging, summary, main)
     except OSError as e:  # disk full, quota, permissions: the staged copy goes, the checkpoints stay
-        from zhtune.train.guard import checkpoints, save_failure
-
         shutil.rmtree(staging, ignore_errors=True)
-        ck = checkpoints(out)
-        raise save_failure(e, f"the final outputs in {out}", str(ck[-1][1]) if ck else None) from e
+        ck = guard.checkpoints(out)
+        raise guard.save_failure(e, f"the final outputs in {out}", str(ck[-1][1]) if ck else None) from e
     if not main:
         if sharded:
             trainer.accelerator.wait_for_everyone()
@@ -70,9 +70,6 @@ def _write_final(
     summary: dict[str, Any],
     main: bool,
 ) -> None:
-    from zhtune.atomic import write_json
-    from zhtune.train.trainer import CONFIG_NAME
-
     trainer.save_model(str(staging))  # writes on the main process only
     if not main:
         return

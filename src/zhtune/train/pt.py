@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from zhtune.config.args import LoraArgs, ModelArgs, TrainArgs
 from zhtune.config.parse import Config, field
 from zhtune.errors import ConfigError
+from zhtune.train.args import TrainingConfig
 from zhtune.train.pt_data import PtDataArgs
+
+if TYPE_CHECKING:
+    from zhtune.train.run import RunContext
 
 log = logging.getLogger(__name__)
 DESCRIPTION = "Continue pre-training on plain text: embeddings, LoRA + embeddings (Chinese-LLaMA), or full."
@@ -62,19 +64,18 @@ class PtTrainArgs(TrainArgs):
     learning_rate: float = field(2e-4, "Peak learning rate (Chinese-LLaMA: 2e-4).")
 
 
-SECTIONS = {
-    "model": ModelArgs,
-    "data": PtDataArgs,
-    "stage": StageArgs,
-    "lora": PtLoraArgs,
-    "train": PtTrainArgs,
-}
+class PtConfig(TrainingConfig):
+    """zhtune pt's configuration; ``PtConfig.of(dict)`` builds one from a dict or a recipe's mapping."""
+
+    model: ModelArgs
+    data: PtDataArgs
+    stage: StageArgs
+    lora: PtLoraArgs
+    train: PtTrainArgs
 
 
-def as_config(cfg: Config | dict[str, Any]) -> Config:
-    from zhtune.train.trainer import training_config
-
-    return training_config(cfg, SECTIONS)
+CONFIG = PtConfig
+SECTIONS = PtConfig.section_types()
 
 
 def freeze_all_but_embeddings(model: Any, base_rows: int | None) -> list[Any]:
@@ -97,39 +98,36 @@ def freeze_all_but_embeddings(model: Any, base_rows: int | None) -> list[Any]:
     return params
 
 
-def prepare_stage(model: Any, cfg: Config, resize: Any) -> Any:
-    from zhtune.train.setup import prepare_for_training
-
-    m, s, lo, t = cfg.model, cfg.stage, cfg.lora, cfg.train
-    if s.stage == "embeddings":
-        if m.load_in_4bit or m.load_in_8bit:
-            raise ConfigError("--stage embeddings trains full embedding rows; do not load the base quantized")
-        rows = None
-        if s.new_rows_only:
-            if resize is None:
-                raise ConfigError(
-                    "--new_rows_only: this model has no new rows; pass --tokenizer_name_or_path with a tokenizer "
-                    "that extends the model's own"
-                )
-            if t.weight_decay:
-                raise ConfigError(
-                    "--new_rows_only needs --weight_decay 0 (decay would also shrink the base rows)"
-                )
-            rows = resize.base_vocab
-        freeze_all_but_embeddings(model, rows)
-        if t.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        return model
-    kind = "full" if s.stage == "full" else "lora"
-    from zhtune.model.loader import pick_device
-
-    tokens = t.per_device_train_batch_size * cfg.data.block_size  # unset --gradient_checkpointing: by memory
-    lora = dataclasses.replace(lo, finetuning_type=kind)
-    return prepare_for_training(model, m, lora, t, tokens_per_step=tokens, device=pick_device(m.device))
+def prepare_stage(ctx: RunContext, model: Any, resize: Any) -> Any:
+    """What trains in this stage: the embeddings only, LoRA + modules_to_save, or every weight."""
+    cfg: PtConfig = ctx.cfg
+    m, s, t = cfg.model, cfg.stage, cfg.train
+    if s.stage != "embeddings":
+        lora = dataclasses.replace(cfg.lora, finetuning_type="full" if s.stage == "full" else "lora")
+        # unset --gradient_checkpointing: decided by the memory of a step
+        return ctx.prepare(model, lora, tokens_per_step=t.per_device_train_batch_size * cfg.data.block_size)
+    if m.load_in_4bit or m.load_in_8bit:
+        raise ConfigError("--stage embeddings trains full embedding rows; do not load the base quantized")
+    rows = None
+    if s.new_rows_only:
+        if resize is None:
+            raise ConfigError(
+                "--new_rows_only: this model has no new rows; pass --tokenizer_name_or_path with a tokenizer "
+                "that extends the model's own"
+            )
+        if t.weight_decay:
+            raise ConfigError(
+                "--new_rows_only needs --weight_decay 0 (decay would also shrink the base rows)"
+            )
+        rows = resize.base_vocab
+    freeze_all_but_embeddings(model, rows)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
 
 
-def check_stage(cfg: Config) -> None:
+def check_stage(cfg: PtConfig) -> None:
     s, lo = cfg.stage, cfg.lora
     if lo.finetuning_type == "full" and s.stage != "full":
         raise ConfigError(
@@ -144,7 +142,9 @@ def check_stage(cfg: Config) -> None:
 
 
 def main(
-    cfg: Config | dict[str, Any], data: tuple[Any, Any, Any] | None = None, callbacks: list[Any] | None = None
+    cfg: PtConfig | Config | dict[str, Any],
+    data: tuple[Any, Any, Any] | None = None,
+    callbacks: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Run continued pre-training; returns a summary (metrics before/after, data report, output paths).
 
@@ -153,79 +153,36 @@ def main(
     has) built by :func:`zhtune.train.pt_data.encode_documents` and :func:`zhtune.train.pt_data.group_blocks`.
     ``callbacks`` are added to the trainer's.
     """
-    import torch
-    from transformers import set_seed
-
-    from zhtune.model.embeddings import fit_embeddings
-    from zhtune.model.loader import load_model, load_tokenizer, pick_device, pick_dtype, resolve
-    from zhtune.text.templates import get_format
-    from zhtune.train.lm_eval import evaluate_lm
-    from zhtune.train.outputs import check_output_dir, save_final
-    from zhtune.train.pt_data import BlockCollator, build_pt_data
-    from zhtune.train.setup import count_parameters
-    from zhtune.train.trainer import (
-        LossCurveCallback,
-        ZhTrainer,
-        build_training_arguments,
-        resolve_resume,
-    )
-
-    cfg = as_config(cfg)
-    check_stage(cfg)
-    m, d, s, t = cfg.model, cfg.data, cfg.stage, cfg.train
-    out = Path(t.output_dir)
-    resume = resolve_resume(t)
-    check_output_dir(out, overwrite=t.overwrite_output_dir, resuming=resume is not None)
-    set_seed(t.seed)
-    device = pick_device(m.device)
-    src = resolve(m.model_name_or_path, m.gguf_file, m.cache_dir)
-    tokenizer = load_tokenizer(m, src)
     from zhtune.train.launch import main_process_first
+    from zhtune.train.pt_data import BlockCollator, build_pt_data
+    from zhtune.train.run import prologue, report_parameters, say
+    from zhtune.train.trainer import ZhTrainer
 
+    cfg = PtConfig.of(cfg)
+    check_stage(cfg)
+    s = cfg.stage
+    ctx = prologue(cfg)
     with main_process_first():  # one process tokenizes and fills the cache, the others then read it
-        train_ds, eval_ds, report = data if data is not None else build_pt_data(tokenizer, d, t.seed)
-    print(
-        f"pre-training data ({report.cached_files} of {report.files} files from cache):\n{report.table()}",
-        flush=True,
-    )
+        train_ds, eval_ds, report = data or build_pt_data(ctx.tokenizer, cfg.data, cfg.train.seed)
+    say(f"pre-training data ({report.cached_files} of {report.files} files from cache):\n{report.table()}")
 
-    mixed = t.bf16 or t.fp16 or (t.bf16 is None and device.startswith("cuda"))
-    dtype = torch.float32 if (s.stage != "lora" and mixed) else pick_dtype(m.dtype, device)
-    model = load_model(m, src, dtype=dtype, device=device, place=False)
-    resize = fit_embeddings(
-        model, tokenizer, model_path=src.path, tokenizer_name=m.tokenizer_name_or_path, init=m.new_token_init
-    )
-    model = prepare_stage(model, cfg, resize)
-    n_train, n_total = count_parameters(model)
-    print(
-        f"stage {s.stage}: trainable parameters {n_train:,} of {n_total:,} ({100 * n_train / max(n_total, 1):.3f}%)"
-    )
-
-    args = build_training_arguments(t, has_eval=eval_ds is not None, device=device)
-    trainer = ZhTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=BlockCollator(),
-        processing_class=tokenizer,
-        callbacks=[LossCurveCallback(out / "loss_curve.png"), *(callbacks or [])],
-        zh_config=cfg,
-    )
-    eval_bs = t.per_device_eval_batch_size or t.per_device_train_batch_size
+    model, resize = ctx.load_model(full=s.stage != "lora")
+    model = prepare_stage(ctx, model, resize)
+    report_parameters(model, f"stage {s.stage}: trainable parameters")
+    trainer = ctx.trainer(
+        ZhTrainer, model=model, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=BlockCollator(),
+        callbacks=callbacks or [],
+    )  # fmt: skip
     before = after = None
-    if eval_ds is not None and s.eval_before_training and resume is None:
-        trainer.model.to(args.device)
-        before = evaluate_lm(trainer.model, eval_ds, batch_size=eval_bs, desc="evaluating before training")
-    t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(result.metrics)
-    metrics["wall_seconds"] = round(time.time() - t0, 1)
+    if eval_ds is not None and s.eval_before_training and ctx.resume is None:
+        trainer.model.to(trainer.args.device)
+        before = evaluate(cfg, trainer.model, eval_ds, "evaluating before training")
+    metrics = ctx.fit(trainer)
     if eval_ds is not None:
-        after = evaluate_lm(trainer.model, eval_ds, batch_size=eval_bs, desc="evaluating")
+        after = evaluate(cfg, trainer.model, eval_ds, "evaluating")
         metrics.update({f"eval_{k}": v for k, v in after.items()})
     summary = {
-        "output_dir": str(out),
+        "output_dir": str(ctx.out),
         "stage": s.stage,
         "metrics": metrics,
         "eval_before": before,
@@ -234,10 +191,19 @@ def main(
         "data": dataclasses.asdict(report),
         "log_history": trainer.state.log_history,
     }
-    tok_dir = m.tokenizer_name_or_path or src.path
-    fmt = get_format(tokenizer, None, directory=tok_dir) if tokenizer.chat_template else None
-    save_final(trainer, tokenizer, fmt, cfg, out, summary)  # every rank: FSDP gathers the weights
+    fmt = ctx.chat_format(None) if ctx.tokenizer.chat_template else None
+    ctx.finish(trainer, fmt, summary)
     return summary
+
+
+def evaluate(cfg: PtConfig, model: Any, eval_ds: Any, desc: str) -> dict[str, float]:
+    """Loss, perplexity and bits per character on the validation blocks."""
+    from zhtune.train.lm_eval import evaluate_lm
+
+    t = cfg.train
+    return evaluate_lm(
+        model, eval_ds, batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size, desc=desc
+    )
 
 
 def results_table(summary: dict[str, Any]) -> str:
@@ -253,14 +219,13 @@ def results_table(summary: dict[str, Any]) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from zhtune.train.trainer import parse_training_cli
+    from zhtune.train.run import say
 
-    cfg = parse_training_cli(argv, SECTIONS, "zhtune pt", DESCRIPTION)
-    summary = main(cfg)
+    summary = main(PtConfig.from_cli(argv, "zhtune pt", DESCRIPTION))
     table = results_table(summary)
     if table:
-        print(f"validation ({summary['eval_after']['chars']:,} characters):\n{table}")
-    print(f"done: stage {summary['stage']}; outputs in {summary['output_dir']}")
+        say(f"validation ({summary['eval_after']['chars']:,} characters):\n{table}")
+    say(f"done: stage {summary['stage']}; outputs in {summary['output_dir']}")
     return 0
 
 

@@ -61,7 +61,7 @@ def prepare_for_training(
             model.config.use_cache = False
         return model
 
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(
@@ -80,24 +80,30 @@ def prepare_for_training(
         model = PeftModel.from_pretrained(model, largs.peft_path, is_trainable=True)
         log.info("continuing adapter %s", largs.peft_path)
     else:
-        targets = lora_targets(model, largs.trainable)
-        # a tied model keeps its trained embed_tokens/lm_head copies tied (one tensor, saved for both)
-        tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-        cfg = LoraConfig(
-            ensure_weight_tying=tied and bool(largs.modules_to_save),
-            r=largs.lora_rank,
-            lora_alpha=largs.lora_alpha,
-            lora_dropout=largs.lora_dropout,
-            target_modules=targets,
-            modules_to_save=list(largs.modules_to_save) if largs.modules_to_save else None,
-            use_rslora=largs.use_rslora,
-            use_dora=largs.use_dora,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, cfg)
+        model = get_peft_model(model, lora_config(model, largs))
     # trainable weights in fp32 (adapters, and modules_to_save copies) while the frozen base stays low-precision
     for p in model.parameters():
         if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
     return model
+
+
+def lora_config(model: Any, largs: LoraArgs) -> Any:
+    """The peft LoraConfig of a fresh adapter: --lora_rank/alpha/dropout on the family's (or the given)
+    projections, plus --modules_to_save trained in full."""
+    from peft import LoraConfig
+
+    # a tied model keeps its trained embed_tokens/lm_head copies tied (one tensor, saved for both)
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    return LoraConfig(
+        ensure_weight_tying=tied and bool(largs.modules_to_save),
+        r=largs.lora_rank,
+        lora_alpha=largs.lora_alpha,
+        lora_dropout=largs.lora_dropout,
+        target_modules=lora_targets(model, largs.trainable),
+        modules_to_save=list(largs.modules_to_save) if largs.modules_to_save else None,
+        use_rslora=largs.use_rslora,
+        use_dora=largs.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
