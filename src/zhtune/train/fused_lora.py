@@ -43,6 +43,14 @@ def is_4bit(weight: torch.Tensor) -> bool:
     return type(weight).__name__ == "Params4bit"
 
 
+def weight_dtype(weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype the base weight computes in (a 4-bit weight: the dtype it was quantized from)."""
+    if is_4bit(weight):
+        state = getattr(weight, "quant_state", None)
+        return None if state is None else state.dtype
+    return weight.dtype
+
+
 def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The base weight as a dense ``out x in`` matrix in ``dtype`` (a 4-bit weight is dequantized)."""
     if is_4bit(weight):
@@ -132,13 +140,16 @@ def compute_dtype(layer: Any, name: str, x: torch.Tensor) -> torch.dtype | None:
         return None
     if base._forward_hooks or base._forward_pre_hooks:
         return None
+    wdt = weight_dtype(w)
+    if wdt is None:
+        return None
     kind = x.device.type
     if torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
-    if is_4bit(w):  # bitsandbytes casts to its compute dtype and back: left to peft outside autocast
-        return None
+    if getattr(base, "compute_dtype", None) not in (None, x.dtype):
+        return None  # bitsandbytes would cast x to its compute dtype and back: left to peft
     a = layer.lora_A[name].weight
-    return x.dtype if w.dtype == x.dtype == a.dtype == layer.lora_B[name].weight.dtype else None
+    return x.dtype if wdt == x.dtype == a.dtype == layer.lora_B[name].weight.dtype else None
 
 
 class FusedForward:
@@ -180,14 +191,13 @@ def eligible(module: torch.nn.Module, classes: tuple[type, ...]) -> bool:
 
 
 def fuse(model: torch.nn.Module) -> int:
-    """Install FusedForward on every eligible LoRA layer of ``model``; returns how many were fused."""
+    """Install FusedForward on every eligible LoRA layer of ``model``; returns how many layers are fused now
+    (those fused by an earlier call included)."""
     classes = lora_layer_classes()
-    n = 0
     for mod in model.modules():
         if eligible(mod, classes):
             mod.forward = FusedForward(mod)
-            n += 1
-    return n
+    return len(fused_layers(model))
 
 
 def unfuse(model: torch.nn.Module) -> int:
@@ -212,7 +222,7 @@ def check_layer(layer: torch.nn.Module, dtype: torch.dtype | None, tokens: int =
     dev = base.weight.device
     name = next(iter(layer.lora_A))
     a0, b0 = layer.lora_A[name].weight, layer.lora_B[name].weight
-    if dtype is None and (is_4bit(base.weight) or base.weight.dtype != a0.dtype):
+    if dtype is None and weight_dtype(base.weight) != a0.dtype:
         return None  # compute_dtype sends every such call to peft: nothing fused to check
     (r, k), xdt = a0.shape, (dtype or a0.dtype)
     g = torch.Generator(device=dev).manual_seed(0)
