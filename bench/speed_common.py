@@ -247,7 +247,8 @@ def finish(rec: dict, times: list[float], tokens: list[int], losses: list[float]
         med = statistics.median(times)  # window timing: all entries equal, the window's mean
         rec["ms_per_step"] = round(1e3 * med, 1)
         rec["tokens_per_s"] = round(bs * seq / med, 1)
-        rec["mfu"] = round(flops_per_token(cfg, seq, head, vocab) * rec["tokens_per_s"] / A.peak, 4)
+        if A.peak > 0:  # a column run on its own (bench/multi_gpu.py) is given no peak
+            rec["mfu"] = round(flops_per_token(cfg, seq, head, vocab) * rec["tokens_per_s"] / A.peak, 4)
     rec["ok"] = True
 
 

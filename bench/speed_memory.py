@@ -73,7 +73,7 @@ def hf_stepper(side: str) -> Callable[[int], None]:
     import torch
     from speed_sides import hf_model, unsloth_model
 
-    model = unsloth_model(CASE) if side == "unsloth" else hf_model(CASE)
+    model = unsloth_model(CASE, C.A.mem_max_seq) if side == "unsloth" else hf_model(CASE)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)

@@ -64,7 +64,8 @@ def hf_model(name: str):
     return model
 
 
-def unsloth_model(name: str):
+def unsloth_model(name: str, max_seq: int | None = None):
+    """unsloth's model of a case; ``max_seq``: the longest sequence it will see (its RoPE cache is sized by it)."""
     import torch
     from unsloth import FastLanguageModel
 
@@ -74,7 +75,7 @@ def unsloth_model(name: str):
         torch.cuda.reset_peak_memory_stats()
     gc_mode = "unsloth" if gc_on else False
     model, _tok = FastLanguageModel.from_pretrained(
-        model_name=str(path), max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=quant,
+        model_name=str(path), max_seq_length=max_seq or seq, dtype=torch.bfloat16, load_in_4bit=quant,
         load_in_16bit=not quant, use_gradient_checkpointing=gc_mode,
     )  # fmt: skip
     model = FastLanguageModel.get_peft_model(
