@@ -161,3 +161,84 @@ def test_sft_fast_path_gives_the_plain_paths_losses(tiny_llama_sp, tmp_path):
     assert packed["data"]["train_samples"] == 16
     steps = [h["step"] for h in packed["log_history"] if "loss" in h]
     assert steps and steps[-1] < 4  # 16 samples in fewer than 16 rows: packing put several in a row
+
+
+def _plan_args(**kw):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"bf16": False, "fp16": False, "fsdp": None, "deepspeed": None, **kw})
+
+
+def _lora_tiny():
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(tiny(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+
+
+def test_fused_lora_is_default_only_on_a_gpu_and_follows_the_flag():
+    from types import SimpleNamespace
+
+    from zhtune.errors import ConfigError
+    from zhtune.train import fused_lora
+    from zhtune.train.speed import plan
+
+    t = SimpleNamespace(use_liger_kernel=False, chunked_loss=False)
+    model = _lora_tiny()
+    assert plan(model, _plan_args(), t).fused_lora == 0  # default, on a CPU: off
+    assert not fused_lora.fused_layers(model)
+    p = plan(model, _plan_args(), SimpleNamespace(**vars(t), fused_lora=True))
+    assert p.fused_lora == 14 and "fused LoRA (14 layers)" in p.summary()
+    assert len(fused_lora.fused_layers(model)) == 14
+    with pytest.raises(ConfigError, match="--fused_lora true cannot be combined with --fsdp/--deepspeed"):
+        plan(_lora_tiny(), _plan_args(fsdp="full_shard"), SimpleNamespace(**vars(t), fused_lora=True))
+    off = _lora_tiny()
+    assert plan(off, _plan_args(), SimpleNamespace(**vars(t), fused_lora=False)).fused_lora == 0
+    assert not fused_lora.fused_layers(off)
+
+
+def test_fused_lora_whose_self_check_fails_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from zhtune.errors import ConfigError
+    from zhtune.train import fused_lora
+    from zhtune.train.speed import plan
+
+    monkeypatch.setattr(fused_lora, "check_layer", lambda layer, dtype: "dx differs from peft's by 1.00e+00")
+    model = _lora_tiny()
+    t = SimpleNamespace(use_liger_kernel=False, chunked_loss=False, fused_lora=True)
+    with pytest.raises(ConfigError, match="self-check failed: dense LoRA layer: dx differs"):
+        plan(model, _plan_args(), t)
+    assert not fused_lora.fused_layers(model)  # left as peft made it
+
+
+def test_sft_with_fused_lora_gives_the_plain_losses(tiny_llama_sp, tmp_path, caplog):
+    """The real training path with --fused_lora true against false: the same loss curve and adapter (float32,
+    dropout on)."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from zhtune.train.sft import main as sft
+
+    caplog.set_level(logging.INFO, logger="zhtune.train.trainer")
+
+    data = write_alpaca(tmp_path / "d.json", 16, seed=3)
+    base = {
+        "model_name_or_path": str(tiny_llama_sp), "train_files": [str(data)], "data_cache_dir": str(tmp_path / "c"),
+        "max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 100,
+        "learning_rate": 1e-2, "lora_rank": 4, "lora_dropout": 0.1, "warmup_ratio": 0.0, "report_to": "none",
+        "template": "alpaca", "max_seq_length": 256, "trainable": ["all-linear"],
+    }  # fmt: skip
+    fused = sft({**base, "output_dir": str(tmp_path / "fused"), "fused_lora": True})
+    plain = sft({**base, "output_dir": str(tmp_path / "plain"), "fused_lora": False})
+    lf = [h["loss"] for h in fused["log_history"] if "loss" in h]
+    lp = [h["loss"] for h in plain["log_history"] if "loss" in h]
+    assert len(lf) == 3 and lf == pytest.approx(lp, rel=1e-5)
+    speeds = [r.getMessage() for r in caplog.records if r.getMessage().startswith("speed:")]
+    assert len(speeds) == 2 and "fused LoRA (14 layers)" in speeds[0] and "fused LoRA" not in speeds[1]
+    wf = load_file(tmp_path / "fused" / "adapter_model.safetensors")
+    wp = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    assert wf.keys() == wp.keys() and len(wf) == 28
+    b = [k for k in wf if "lora_B" in k]
+    assert all(wf[k].abs().max() > 0 for k in b)  # trained away from peft's zero initialisation
+    assert max(rel(wf[k], wp[k]) for k in wf) < 1e-4

@@ -210,6 +210,12 @@ class TrainArgs:
         "torch.compile each decoder layer (one graph shared by all layers; the first steps compile). Liger "
         "kernels are then off unless asked for, and used only for the loss.",
     )
+    fused_lora: bool | None = field(
+        None,
+        "Each LoRA projection and its adapter as one autograd function (GEMMs only on full-size tensors; the "
+        "adapters and saved files are peft's own). Default: on for LoRA on a GPU unless --compile_layers is on "
+        "(the compiled graph fuses the same work) or the model is sharded (FSDP/DeepSpeed).",
+    )
     nan_policy: Literal["stop", "skip"] = field(
         "stop",
         "A NaN or inf training loss: stop, naming the step (no checkpoint after it is written), or skip: drop "

@@ -12,12 +12,21 @@ What it decides, and why each keeps the loss curve of the plain path (within bf1
   use, so full-vocabulary fp32 logits are never held.
 * Gradient checkpointing when asked, or (``--gradient_checkpointing`` unset) only when the estimated memory
   of a step would not fit the GPU.
+* Fused LoRA (train.fused_lora, ``--fused_lora``, on by default for LoRA on a GPU): each adapted projection
+  runs as one autograd function whose full-size tensors are touched only by GEMMs, instead of peft's scale
+  and add in forward and their gradients (and autograd's sum of the two input gradients) in backward. A
+  self-check against peft's arithmetic on one layer of each kind runs before it is used; if it fails, the
+  plain path is kept and the summary says why.
 * Regional ``torch.compile`` of the decoder layers (``--compile_layers true``): one compiled graph reused by
   every layer; it fuses the norms, RoPE, SwiGLU and LoRA's scale-and-add and cuts the Python work per step,
   which bounds a 7B LoRA step about as much as the GPU does. Measured on an H100 against the plain path in the
   same run: 1.38x (Liger instead: 1.22x) at 7B, 1.42x (1.18x) with checkpointing, 1.61x (1.48x) at 1.1B.
   Off by default: it was not measured with packing, a quantized base or several GPUs, and its first steps
-  compile for about half a minute.
+  compile for about half a minute. Fused LoRA stays off under it unless asked for (``--fused_lora true``
+  traces through dynamo without graph breaks; the compiled graph already fuses the same element-wise work).
+  A later run reuses torch's on-disk caches (inductor's FX graph cache and AOTAutograd's, both on by
+  default, under /tmp/torchinductor_<user>): on 2 CPU cores a tiny LoRA model's first step took 169 s cold
+  and 37 s warm (what is left is dynamo tracing). bench/train_speed.py records ``first_step_s`` per run.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ class SpeedPlan:
     liger: bool = False
     loss: str = "plain"  # plain | chunked | liger
     compiled_layers: int = 0
+    fused_lora: int = 0
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -50,6 +60,8 @@ class SpeedPlan:
         parts.append(
             {"plain": "plain loss", "chunked": "chunked loss", "liger": "fused linear CE loss"}[self.loss]
         )
+        if self.fused_lora:
+            parts.append(f"fused LoRA ({self.fused_lora} layers)")
         if self.compiled_layers:
             parts.append(f"{self.compiled_layers} compiled layers")
         return "; ".join(parts + self.notes)
@@ -134,6 +146,39 @@ def needs_checkpointing(
     return True, f"on (estimated {need / gib:.1f} GiB without it, GPU has {total / gib:.0f} GiB)"
 
 
+def fuse_lora(
+    model: Any, mixed: str | None, want: bool | None, compiled: bool, sharded: bool
+) -> tuple[int, str]:
+    """Fused LoRA where asked (``want`` True) or by default (None: on a GPU, not compiled, not sharded).
+    Returns the number of fused layers and a note for the summary."""
+    from zhtune.errors import ConfigError
+    from zhtune.train import fused_lora
+
+    if want is False:
+        return 0, ""
+    if sharded:
+        if want:
+            raise ConfigError(
+                "--fused_lora true cannot be combined with --fsdp/--deepspeed (sharded weights)"
+            )
+        return 0, ""
+    on_gpu = any(p.device.type == "cuda" for p in model.parameters())
+    if want is None and (compiled or not on_gpu):
+        return 0, ""
+    n = fused_lora.fuse(model)
+    if not n:
+        return 0, "no LoRA layer to fuse" if want else ""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed or "")
+    why = fused_lora.self_check(model, dtype)
+    if why:
+        fused_lora.unfuse(model)
+        if want:
+            raise ConfigError(f"--fused_lora true: the self-check failed: {why}")
+        log.warning("fused LoRA off: %s", why)
+        return 0, f"fused LoRA off ({why})"
+    return n, ""
+
+
 def plan(model: Any, args: Any, t: Any | None, attn_requested: str | None = None) -> SpeedPlan:
     """Decide and apply the speed settings for a model about to be trained with TrainingArguments ``args``
     (``t``: the zhtune TrainArgs, or None for defaults; ``attn_requested``: --attn_implementation)."""
@@ -192,6 +237,10 @@ def plan(model: Any, args: Any, t: Any | None, attn_requested: str | None = None
         # dense masked square (3.46x against 2.77x the padded baseline on the real SFT lengths, on an H100)
         base_model(model).set_attn_implementation("flex_attention")
         p.notes.append("flex attention for packed rows")
+    want_fused = getattr(t, "fused_lora", None) if t is not None else None
+    p.fused_lora, note = fuse_lora(model, mixed, want_fused, want_compile, sharded)
+    if note:
+        p.notes.append(note)
     if want_compile:
         p.compiled_layers = compile_layers(model)
     return p
