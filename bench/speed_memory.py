@@ -96,8 +96,8 @@ def zhtune_stepper() -> Callable[[int], None]:
     import torch
     from speed_sides import zhtune_model
 
-    from zhtune.train.packing import PackingCollator
     from zhtune.train.args import build_training_arguments
+    from zhtune.train.packing import PackingCollator
     from zhtune.train.trainer import ZhTrainer
 
     model, zc, _n = zhtune_model(CASE, {}, 1)

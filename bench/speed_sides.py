@@ -169,8 +169,8 @@ def zhtune_case(name: str, variant: dict) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from zhtune.train.packing import PackingCollator
     from zhtune.train.args import build_training_arguments
+    from zhtune.train.packing import PackingCollator
     from zhtune.train.trainer import ZhTrainer
 
     shape, seq, bs, gc_on, vocab, head, quant = C.case(name)
