@@ -66,8 +66,9 @@ def checked_options(studio: Studio, body: dict[str, Any], name: str | None) -> t
     run_root = None
     if name is not None:
         values, run_root = force_output(studio, command, values, name)
-    _, given = forms.resolve(command, values)
-    check_options(studio.ws, given, run_root=run_root)
+    given = forms.given_values(command, values)
+    check_options(studio.ws, given, run_root=run_root)  # before building: a check may look at the files
+    forms.build_given(command, given)
     return command, given
 
 

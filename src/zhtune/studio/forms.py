@@ -202,13 +202,12 @@ def recipe_values(command: str, raw: dict[str, Any]) -> dict[str, dict[str, Any]
     return {s: {k: form_text(v) for k, v in fields.items()} for s, fields in out.items()}
 
 
-def resolve(command: str, values: dict[str, dict[str, Any]]) -> tuple[Config, dict[str, dict[str, Any]]]:
-    """Build the command's config from the form's values (raw strings are fine: the CLI's coercion applies).
-    Returns the config and, by section, the given values that differ from the defaults, typed but not
-    rewritten by the sections' checks (a recipe of them builds the same config again)."""
+def given_values(command: str, values: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The form's values (raw strings are fine: the CLI's coercion applies), typed, by section, those that
+    differ from the defaults; not rewritten by the sections' checks, so a recipe of them builds the same
+    config again. Empty inputs mean the default."""
     secs, _ = sections(command)
     own = owners(secs)
-    flat: dict[str, Any] = {}
     given: dict[str, dict[str, Any]] = {}
     for sname, fields in (values or {}).items():
         if sname not in secs or not isinstance(fields, dict):
@@ -220,16 +219,21 @@ def resolve(command: str, values: dict[str, dict[str, Any]]) -> tuple[Config, di
                 raise ConfigError(f"zhtune {command} has no option {key!r} in section {sname}")
             kind, optional, _ = kind_of(hints[key])
             if value is None or value == "" and (optional or kind in ("list", "dict")):
-                continue  # an empty input means: the default
+                continue
             if kind == "list" and isinstance(value, str) and holds_mappings(hints[key]):
                 value = parse_yaml(
                     value, key
                 )  # a list of mappings (pipeline stages, eval tasks) is YAML text
             typed = coerce(value, hints[key], key)
             if typed != defaults[key]:
-                flat[key] = typed
                 given.setdefault(sname, {})[key] = typed
-    return build(secs, flat), given
+    return given
+
+
+def build_given(command: str, given: dict[str, dict[str, Any]]) -> Config:
+    """The command's config from given values, built and checked exactly as the command line builds it."""
+    secs, _ = sections(command)
+    return build(secs, {k: v for fields in given.values() for k, v in fields.items()})
 
 
 def to_yaml(given: dict[str, dict[str, Any]]) -> str:

@@ -80,12 +80,14 @@ NOT_PATHS = {
     "quant": "a tensor type name",
     "template": "a chat template name",
     "allow_pickle": "a yes/no switch",
-    "input_format": "a record format name",
     "skip_bad_records": "a yes/no switch",
     "dataloader_num_workers": "a number of processes",
     "max_documents": "a count",
     "dry_run": "a yes/no switch",
     "dtype": "a dtype name",
+    "served_model_name": "the model id clients send",
+    "num_samples": "a count of tasks",
+    "output_type": "huggingface or gguf",
 }
 # values that name no file: the embedded model, and --resume_from_checkpoint's words
 KEYWORDS = {
@@ -133,7 +135,11 @@ def expand(text: str, run_root: Path | None) -> str:
         return text
     if run_root is None:
         raise ConfigError(f"{text!r}: ${{...}} references work only in pipeline recipes")
-    return REF.sub(lambda m: str(run_root / m.group(1).replace(".", "/", 1)), text)
+    def folder(m: re.Match) -> str:
+        kind, _, name = m.group(1).partition(".")
+        return str(run_root if kind == "run_dir" else run_root / (name if kind == "stage" else "data"))
+
+    return REF.sub(folder, text)
 
 
 def check_options(ws: Workspace, given: dict[str, dict[str, Any]], run_root: Path | None = None) -> None:

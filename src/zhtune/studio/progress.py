@@ -43,7 +43,7 @@ class LogReader:
         self.progress: dict[str, Any] = {}
         self.stage = ""
         self.attempt = 0
-        self.first_step: dict[int, int] = {}  # attempt -> the first step its bar showed
+        self.first_step: dict[int, int] = {}  # attempt -> the first step it completed (resumed: checkpoint + 1)
         self.summary: dict[str, Any] = {}
         self.traceback_tail = ""
         self.error_line = ""
@@ -67,7 +67,8 @@ class LogReader:
         m = BAR.match(text)
         if m:
             n, total = int(m.group(2)), int(m.group(3))
-            self.first_step.setdefault(self.attempt, n)
+            if n > 0:
+                self.first_step.setdefault(self.attempt, n)
             self.progress = {
                 "step": n,
                 "total": total,

@@ -78,9 +78,18 @@ def make_studio(a: StudioArgs, token: str | None) -> Any:
     )
 
 
+def access_token(a: StudioArgs) -> tuple[str | None, bool]:
+    """(token, generated): from --token_file; else a new one on a non-loopback address; else none."""
+    from zhtune.serve.server import is_loopback
+
+    token = a.token()
+    if token is None and not is_loopback(a.host):
+        return secrets.token_urlsafe(24), True
+    return token, False
+
+
 def main(cfg: Config | dict[str, Any]) -> int:
     from zhtune.deps import require
-    from zhtune.serve.server import is_loopback
 
     require("fastapi", "zhtune studio")
     uvicorn = require("uvicorn", "zhtune studio")
@@ -89,10 +98,7 @@ def main(cfg: Config | dict[str, Any]) -> int:
     if not isinstance(cfg, Config):
         cfg = build(SECTIONS, cfg)
     a: StudioArgs = cfg.studio
-    token = a.token()
-    generated = token is None and not is_loopback(a.host)
-    if generated:
-        token = secrets.token_urlsafe(24)
+    token, generated = access_token(a)
     studio = make_studio(a, token)
     app = create_app(studio)
     shown = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
