@@ -135,6 +135,7 @@ def expand(text: str, run_root: Path | None) -> str:
         return text
     if run_root is None:
         raise ConfigError(f"{text!r}: ${{...}} references work only in pipeline recipes")
+
     def folder(m: re.Match) -> str:
         kind, _, name = m.group(1).partition(".")
         return str(run_root if kind == "run_dir" else run_root / (name if kind == "stage" else "data"))

@@ -43,7 +43,9 @@ class LogReader:
         self.progress: dict[str, Any] = {}
         self.stage = ""
         self.attempt = 0
-        self.first_step: dict[int, int] = {}  # attempt -> the first step it completed (resumed: checkpoint + 1)
+        self.first_step: dict[
+            int, int
+        ] = {}  # attempt -> the first step it completed (resumed: checkpoint + 1)
         self.summary: dict[str, Any] = {}
         self.traceback_tail = ""
         self.error_line = ""
