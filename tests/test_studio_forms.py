@@ -159,3 +159,51 @@ def test_servers_and_chat_are_not_runs_but_training_is():
     assert not forms.runnable("serve") and not forms.runnable("chat")
     hints = typing.get_type_hints(forms.sections("eval")[0]["eval"])
     assert forms.holds_mappings(hints["tasks"]) and not forms.holds_mappings(hints["labels"])
+
+
+def test_recipes_load_from_zhtune_recipes_and_save_to_the_workspace(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from zhtune.studio.app import create_app
+    from zhtune.studio.server import StudioArgs, make_studio
+
+    c = TestClient(
+        create_app(make_studio(StudioArgs(workspace=str(tmp_path)), None)), base_url="http://127.0.0.1"
+    )
+    h = {"X-Zhtune-Studio": "1"}
+    shipped = {r["name"]: r["command"] for r in c.get("/api/recipes").json()["shipped"]}
+    assert shipped == {name: command for name, command, _ in shipped_recipes()}
+    r = c.post("/api/recipes/load", json={"source": "shipped", "name": "chinese-llama/sft"}, headers=h).json()
+    assert (
+        r["command"] == "sft"
+        and r["values"]["lora"]["lora_rank"] == "8"
+        and r["values"]["train"]["fp16"] == "true"
+    )
+    assert r["values"]["lora"]["trainable"] == "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"
+    r = c.post("/api/recipes/load", json={"source": "shipped", "name": "demo-zh/pipeline"}, headers=h).json()
+    assert r["command"] == "pipeline" and "command: vocab_train" in r["values"]["pipeline"]["stages"]
+    line = c.post("/api/command", json={**r, "name": "demo"}, headers=h).json()
+    assert yaml.safe_load(line["yaml"])["pipeline"]["variants"]["quick"]["run_dir"] == "runs/demo/out"
+    assert yaml.safe_load(line["yaml"])["pipeline"]["run_dir"] == "runs/demo/out"
+    values = {"model": {"model_name_or_path": "models/x"}, "lora": {"lora_rank": "4"}}
+    saved = c.post(
+        "/api/recipes/save", json={"name": "mine", "command": "sft", "values": values}, headers=h
+    ).json()
+    assert saved == {"saved": "recipes/mine.yaml"}
+    assert (tmp_path / "recipes" / "mine.yaml").read_text().startswith("# zhtune sft: recipe")
+    assert {"name": "mine", "command": "sft", "description": "recipes/mine.yaml"} in c.get(
+        "/api/recipes"
+    ).json()["saved"]
+    again = c.post("/api/recipes/load", json={"source": "saved", "name": "mine"}, headers=h).json()
+    assert again == {
+        "command": "sft",
+        "values": {
+            "model": {"model_name_or_path": "models/x"},
+            "data": {},
+            "lora": {"lora_rank": "4"},
+            "train": {},
+        },
+    }
+    r = c.post("/api/recipes/load", json={"source": "shipped", "name": "no/such"}, headers=h)
+    assert r.status_code == 400 and "no shipped recipe" in r.json()["error"]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_alpaca
+from conftest import CORPUS, write_alpaca
 
 from zhtune.errors import ConfigError
 from zhtune.studio.progress import LogReader
@@ -22,6 +22,10 @@ from zhtune.studio.runs import RunManager
 from zhtune.studio.workspace import Workspace
 
 pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from zhtune.studio.app import create_app  # noqa: E402
+from zhtune.studio.compare import table  # noqa: E402
 from zhtune.studio.context import start  # noqa: E402
 from zhtune.studio.routes import details  # noqa: E402
 from zhtune.studio.server import StudioArgs, make_studio  # noqa: E402
@@ -79,6 +83,7 @@ def studio(tmp_path, tiny_llama_bpe):
     shutil.copytree(tiny_llama_bpe, root / "models" / "tiny")
     (root / "data").mkdir(parents=True)
     write_alpaca(root / "data" / "alpaca.json", n=32)
+    (root / "data" / "heldout.txt").write_text("\n".join(CORPUS[:12]) + "\n", encoding="utf-8")
     s = make_studio(StudioArgs(workspace=str(root)), None)
     yield s
     for name in s.runs.names():  # never leave a run behind
@@ -178,3 +183,66 @@ def test_a_stopped_run_resumes_from_its_newest_checkpoint(studio):
     assert {p["step"] for p in reader.loss_points()} == set(range(1, 17))
     history = json.loads((out / "log_history.json").read_text())
     assert max(h["step"] for h in history) == 16
+
+
+def test_merge_and_export_buttons_start_merge_and_export_runs(studio):
+    start(studio, "base", "sft", sft_values(max_steps="2"))
+    assert wait(studio.runs, "base", ("finished", "failed"))["state"] == "finished"
+    c = TestClient(create_app(studio), base_url="http://127.0.0.1:7860")
+    h = {"X-Zhtune-Studio": "1"}
+    r = c.post("/api/runs/base/merge", json={}, headers=h)
+    assert r.status_code == 200 and r.json()["name"] == "base-merged", r.text
+    assert r.json()["command_line"] == (
+        "zhtune merge --model_name_or_path models/tiny --lora_models runs/base/out --output_dir runs/base-merged/out"
+    )
+    st = wait(studio.runs, "base-merged", ("finished", "failed"))
+    assert st["state"] == "finished", read_log(studio.runs, "base-merged").error()
+    assert (studio.ws.root / "runs" / "base-merged" / "out" / "config.json").is_file()
+    r = c.post("/api/runs/base-merged/merge", json={}, headers=h)
+    assert r.status_code == 400 and "no adapters to merge" in r.json()["error"]
+    r = c.post("/api/runs/base-merged/export", json={"quant": "q8_0"}, headers=h)
+    assert r.status_code == 200 and r.json()["name"] == "base-merged-gguf-q8_0", r.text
+    st = wait(studio.runs, "base-merged-gguf-q8_0", ("finished", "failed"))
+    assert st["state"] == "finished", read_log(studio.runs, "base-merged-gguf-q8_0").error()
+    ggufs = list((studio.ws.root / "runs" / "base-merged-gguf-q8_0" / "out").glob("*.gguf"))
+    assert len(ggufs) == 1 and ggufs[0].stat().st_size > 10_000
+    assert c.get("/api/runs/base-merged-gguf-q8_0").json()["parent"] == "base-merged"
+    r = c.post("/api/runs/base-merged/export", json={"quant": "q3_k"}, headers=h)
+    assert r.status_code == 400 and "--quant must be one of" in r.json()["error"]
+
+
+PIPELINE = """
+- name: sft
+  command: sft
+  with: {train_files: [data/alpaca.json], max_seq_length: 48, max_steps: 2, logging_steps: 1,
+         per_device_train_batch_size: 2, report_to: none}
+- name: eval
+  command: eval
+  with: {text_files: [data/heldout.txt], max_seq_length: 64}
+"""
+
+
+def test_a_pipeline_run_shows_its_stages_report_and_eval(studio):
+    values = {
+        "pipeline": {
+            "model_name_or_path": "models/tiny",
+            "stages": PIPELINE,
+            "variants": "quick: {run_dir: elsewhere}",
+        }
+    }
+    st = start(studio, "pipe", "pipeline", values)
+    recipe = (studio.ws.root / "runs" / "pipe" / "recipe.yaml").read_text()
+    assert "run_dir: runs/pipe/out" in recipe and "elsewhere" not in recipe  # variants write there too
+    st = wait(studio.runs, "pipe", ("finished", "failed"))
+    reader = read_log(studio.runs, "pipe")
+    assert st["state"] == "finished", reader.error()
+    assert [(p["stage"], p["step"]) for p in reader.loss_points()] == [("sft", 1), ("sft", 2)]
+    info = details(studio, "pipe")
+    assert (
+        "# Pipeline report: out" in info["report"] and "runs/pipe/out/report/loss_curves.png" in info["plots"]
+    )
+    assert info["model"] == {"model": "models/tiny", "adapters": ["runs/pipe/out/sft"]}
+    result = table({"pipe": studio.ws.root / "runs" / "pipe" / "out"})
+    assert result["columns"] == ["pipe/eval/base", "pipe/eval/sft"]
+    bpc = next(r for r in result["rows"] if r["metric"] == "bits/char")
+    assert bpc["task"] == "heldout" and all(float(x) > 0 for x in bpc["cells"])

@@ -4,6 +4,7 @@ a missing access token. Each is refused with a clear message, and nothing is wri
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,39 @@ def test_a_public_address_always_gets_a_token(tmp_path):
     good.write_text(TOKEN + "\n")
     assert access_token(StudioArgs(host="0.0.0.0", token_file=str(good))) == (TOKEN, False)
     assert access_token(StudioArgs(token_file=str(good))) == (TOKEN, False)
+
+
+def test_zhtune_studio_on_a_public_address_prints_a_token_and_requires_it(tmp_path):
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from zhtune.studio.chat import free_port
+    from zhtune.studio.runs import child_env
+
+    port = free_port()
+    argv = [sys.executable, "-m", "zhtune", "studio", "--workspace", str(tmp_path / "w"), "--host", "0.0.0.0"]
+    proc = subprocess.Popen([*argv, "--port", str(port)], env=child_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"zhtune studio: open http://127.0.0.1:{port}/#token="), line
+        token = line.strip().rsplit("#token=", 1)[1]
+        url = f"http://127.0.0.1:{port}/api/info"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                raise AssertionError("answered without the token")
+            except urllib.error.HTTPError as e:
+                assert e.code == 401
+                break
+            except urllib.error.URLError:
+                time.sleep(0.2)
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        info = json.loads(urllib.request.urlopen(req, timeout=10).read())
+        assert info["token_required"] and info["workspace"] == str((tmp_path / "w").resolve())
+        assert (tmp_path / "w" / "runs").is_dir()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

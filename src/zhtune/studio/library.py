@@ -21,7 +21,7 @@ from zhtune.errors import ConfigError
 from zhtune.studio.runs import child_env
 from zhtune.studio.workspace import Workspace, check_run_name
 
-HEADER = re.compile(r"^# zhtune ([a-z]+(?: [a-z-]+)?)\b")
+HEADER = re.compile(r"^# zhtune ([a-z]+(?: [a-z-]+)?)[:,]")  # "# zhtune sft: ..." names the command
 
 
 def zhtune(args: list[str], cwd: Path) -> str:
@@ -81,11 +81,11 @@ def load_saved(ws: Workspace, name: str) -> tuple[str, dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
     m = HEADER.match(text.split("\n", 1)[0])
     if not m:
-        raise ConfigError(f"{ws.rel(path)}: the first line must name the command (# zhtune sft ...)")
+        raise ConfigError(f"{ws.rel(path)}: the first line must name the command (# zhtune sft: ...)")
     return m.group(1), yaml.safe_load(text) or {}
 
 
 def save(ws: Workspace, name: str, command: str, body: str) -> str:
     path = ws.path(f"recipes/{check_run_name(name)}.yaml", "recipe")
-    atomic_write_text(path, f"# zhtune {command} recipe, saved from zhtune studio\n{body}")
+    atomic_write_text(path, f"# zhtune {command}: recipe saved from zhtune studio\n{body}")
     return ws.rel(path)

@@ -93,9 +93,7 @@ class RunManager:
         """``state``: running, finished, failed, stopped or lost (no exit recorded, no process left)."""
         rec = self.record(name)
         run = self.ws.run_dir(name)
-        child = self.children.get(name)
-        if child is not None:
-            child.poll()  # reap a supervisor that ended
+        self.reap()
         last = rec["attempts"][-1] if rec["attempts"] else None
         out = {k: rec[k] for k in ("name", "command", "args", "output", "created")}
         out["attempts"] = len(rec["attempts"])
@@ -142,9 +140,11 @@ class RunManager:
         self._spawn(self.ws.run_dir(name), rec, args)
         return self.status(name)
 
-    def close(self) -> None:
-        for proc in self.children.values():
-            proc.poll()
+    def reap(self) -> None:
+        """Collect the exit of supervisors started here that ended (no zombies while the studio runs)."""
+        for name, proc in list(self.children.items()):
+            if proc.poll() is not None:
+                del self.children[name]
 
 
 def child_env() -> dict[str, str]:

@@ -210,6 +210,7 @@ $("chat-send").addEventListener("click", () => guarded(sendChat));
 $("chat-stop").addEventListener("click", () => S.chatAbort && S.chatAbort.abort());
 $("chat-input").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); guarded(sendChat); } });
 $("compare-btn").addEventListener("click", () => guarded(compare));
+$("filter").addEventListener("input", filterFields);
 
 async function init() {
   await loadCommands();

@@ -78,6 +78,7 @@ async function loadForm(command) {
   if (methods && command === "pt") $("method").value = "1";
   for (const id of ["drop", "data-files", "preview-btn"]) $(id).parentElement.hidden = !["sft", "pt"].includes(command);
   markData();
+  filterFields();
 }
 
 function fieldRow(section, f) {
@@ -104,6 +105,18 @@ function fieldRow(section, f) {
   input.dataset.default = f.text;
   const help = `${f.help} [默认 / default: ${f.text === "" ? "none" : f.text}]`;
   return el("div", { cls: "field" }, el("label", { for: id, text: `--${f.name}` }), input, el("div", { cls: "help", text: help }));
+}
+
+function filterFields() {
+  const q = $("filter").value.trim().toLowerCase();
+  for (const fs of $("form").querySelectorAll("fieldset")) {
+    let shown = 0;
+    for (const row of fs.querySelectorAll(".field")) {
+      row.hidden = !!q && !row.textContent.toLowerCase().includes(q);
+      shown += row.hidden ? 0 : 1;
+    }
+    fs.hidden = shown === 0;
+  }
 }
 
 function inputs() { return [...$("form").querySelectorAll("[data-name]")]; }
