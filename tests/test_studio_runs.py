@@ -185,7 +185,7 @@ def test_a_stopped_run_resumes_from_its_newest_checkpoint(studio):
     assert max(h["step"] for h in history) == 16
 
 
-def test_merge_and_export_buttons_start_merge_and_export_runs(studio):
+def test_merge_export_and_chat_on_a_finished_run(studio):
     start(studio, "base", "sft", sft_values(max_steps="2"))
     assert wait(studio.runs, "base", ("finished", "failed"))["state"] == "finished"
     c = TestClient(create_app(studio), base_url="http://127.0.0.1:7860")
@@ -209,6 +209,38 @@ def test_merge_and_export_buttons_start_merge_and_export_runs(studio):
     assert c.get("/api/runs/base-merged-gguf-q8_0").json()["parent"] == "base-merged"
     r = c.post("/api/runs/base-merged/export", json={"quant": "q3_k"}, headers=h)
     assert r.status_code == 400 and "--quant must be one of" in r.json()["error"]
+
+    assert c.post("/api/runs/base/chat", headers=h).json()["state"] == "loading"
+    t0 = time.time()
+    while (state := c.get("/api/runs/base/chat").json())["state"] == "loading":
+        assert time.time() - t0 < 300
+        time.sleep(0.5)
+    assert state["state"] == "ready", state
+    ask = {"messages": [{"role": "user", "content": "你好"}], "stream": True, "max_tokens": 400}
+    with c.stream("POST", "/api/runs/base/chat/completions", json=ask, headers=h) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        first = next(line for line in r.iter_lines() if line.startswith("data: "))
+        assert json.loads(first[6:])["model"] == "base"
+    server = studio.chats.get("base")  # the page left mid-reply: the generation is cancelled
+    t0 = time.time()
+    while server_health(server.port)["cancelled"] < 1:
+        assert time.time() - t0 < 60
+        time.sleep(0.2)
+    r = c.post("/api/runs/base/chat/completions", json={**ask, "max_tokens": 0}, headers=h)
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]
+    r = c.post("/api/runs/base/chat/completions", json={**ask, "n": 5}, headers=h)
+    assert r.status_code == 400 and "messages and" in r.json()["error"]
+    key = (studio.ws.private / "chat-base.key").read_text()
+    assert os.stat(studio.ws.private / "chat-base.key").st_mode & 0o777 == 0o600
+    assert key not in (studio.ws.run_dir("base") / "chat.log").read_text(encoding="utf-8", errors="replace")
+    assert c.delete("/api/runs/base/chat", headers=h).json() == {"state": "closed"}
+    assert not (studio.ws.private / "chat-base.key").exists() and server.proc.poll() is not None
+
+
+def server_health(port: int) -> dict:
+    import urllib.request
+
+    return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())
 
 
 PIPELINE = """

@@ -134,6 +134,8 @@ def add_file_routes(app: FastAPI, studio: Studio) -> None:
     async def upload(request: Request, name: str, folder: str = "data") -> JSONResponse:
         check_file_name(name)
         where = studio.ws.path(folder, "folder")
+        if where.exists() and not where.is_dir():
+            raise ConfigError(f"folder {folder!r} is a file")
         dest = studio.ws.path(f"{studio.ws.rel(where)}/{name}", "file")
         if dest.exists():
             return error_response(409, f"{studio.ws.rel(dest)} already exists; rename the file first")

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,25 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+class Upstream:
+    """A chat server's reply, read piece by piece; closing it (the page went away) hangs up on the server,
+    which then cancels the generation."""
+
+    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse):
+        self.conn, self.resp = conn, resp
+        self.status = resp.status
+        self.content_type = resp.getheader("content-type", "application/json")
+
+    def read(self) -> bytes:
+        try:
+            return self.resp.read1(65536)
+        except (OSError, ValueError, AttributeError):  # closed from the other side of the relay
+            return b""
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class ChatServer:
@@ -58,26 +76,17 @@ class ChatServer:
         except OSError:
             return False
 
-    def open(self, body: dict[str, Any]) -> tuple[int, str, Iterator[bytes]]:
-        """POST /v1/chat/completions with the key: (status, content type, the body's bytes as they come)."""
+    def open(self, body: dict[str, Any]) -> Upstream:
+        """POST /v1/chat/completions with the key; the reply is read from the returned :class:`Upstream`."""
         conn = http.client.HTTPConnection(HOST, self.port, timeout=600)
         try:
             payload = json.dumps(body).encode("utf-8")
             headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.key}"}
             conn.request("POST", "/v1/chat/completions", body=payload, headers=headers)
-            resp = conn.getresponse()
+            return Upstream(conn, conn.getresponse())
         except OSError as e:
             conn.close()
             raise ConfigError(f"the chat server of run {self.name} did not answer ({e})") from None
-
-        def chunks() -> Iterator[bytes]:
-            try:
-                while chunk := resp.read1(65536):
-                    yield chunk
-            finally:
-                conn.close()
-
-        return resp.status, resp.getheader("content-type", "application/json"), chunks()
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -206,12 +206,22 @@ def add_chat_routes(app: FastAPI, studio: Studio) -> None:
         unknown = set(body) - set(CHAT_KEYS)
         if unknown or not isinstance(body.get("messages"), list):
             raise ConfigError(f"a chat request has messages and {', '.join(CHAT_KEYS[1:])} only")
-        status, kind, chunks = await run_in_threadpool(server.open, {**body, "model": name})
-        if status != 200:
-            text = b"".join(chunks).decode("utf-8", errors="replace")
+        upstream = await run_in_threadpool(server.open, {**body, "model": name})
+        if upstream.status != 200:
+            text = (await run_in_threadpool(upstream.resp.read)).decode("utf-8", errors="replace")
+            upstream.close()
             try:
                 message = json.loads(text)["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = text[:500]
-            return JSONResponse({"error": message}, status_code=status)
-        return StreamingResponse(chunks, media_type=kind)
+            return JSONResponse({"error": message}, status_code=upstream.status)
+        return StreamingResponse(relay(upstream), media_type=upstream.content_type)
+
+
+async def relay(upstream: Any) -> AsyncIterator[bytes]:
+    """The chat server's reply as it comes; when the page leaves, the connection to the server is closed."""
+    try:
+        while chunk := await run_in_threadpool(upstream.read):
+            yield chunk
+    finally:
+        upstream.close()
