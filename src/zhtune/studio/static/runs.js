@@ -18,7 +18,12 @@ async function openRun(name) {
   S.losses = [];
   $("run-detail").hidden = false;
   $("run-title").textContent = name;
+  $("run-state").textContent = "";  // nothing of the run shown before stays on screen
+  $("run-state").className = "badge";
   $("log").textContent = "";
+  $("progress-bar").style.width = "0";
+  $("progress-text").textContent = "";
+  $("loss-png").hidden = true;
   $("run-error").hidden = true;
   drawLosses();
   await showDetails();

@@ -52,6 +52,7 @@ async function loadCommands() {
   sel.replaceChildren(...info.commands.filter((c) => c.runnable).map((c) => el("option", { value: c.name, text: c.name })));
   sel.value = "sft";
   const rec = await api("GET", "/api/recipes");
+  for (const g of $("recipe").querySelectorAll("optgroup")) g.remove();
   const groups = [["shipped", "内置配方 / shipped", rec.shipped], ["saved", "已保存 / saved", rec.saved]];
   for (const [source, label, rows] of groups) {
     const g = el("optgroup", { label });
