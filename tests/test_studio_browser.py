@@ -67,6 +67,19 @@ def studio_url(tmp_path, tiny_llama_bpe):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+    key = ws / ".studio" / "chat-tiny-sft.key"
+    assert not key.exists() and not processes_naming(str(key)), "the chat server outlived the studio"
+
+
+def processes_naming(text: str) -> list[int]:
+    found = []
+    for p in Path("/proc").glob("[0-9]*"):
+        try:
+            if text.encode() in (p / "cmdline").read_bytes():
+                found.append(int(p.name))
+        except OSError:
+            continue
+    return found
 
 
 def shot(page, name: str) -> None:

@@ -8,6 +8,8 @@ through the command's own config sections; problems come back as ``{"error": "..
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
@@ -34,7 +36,12 @@ def static_text(name: str) -> str:
 
 
 def create_app(studio: Studio, *, check_host: bool = True) -> Any:
-    app = FastAPI(title="zhtune studio", docs_url=None, redoc_url=None, openapi_url=None)
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        studio.chats.close()  # here, not after uvicorn.run: uvicorn re-raises SIGTERM once it has shut down
+
+    app = FastAPI(title="zhtune studio", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.studio = studio
 
     @app.exception_handler(ConfigError)
