@@ -48,6 +48,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "run a recipe's stages (vocab, pt, sft, merge, export, eval) in one run directory, resumably",
     ),
     "recipes": ("zhtune.recipes", "", "list the shipped recipes, or copy one to start from"),
+    "studio": (
+        "zhtune.studio.server",
+        "serve",
+        "web page: prepare data, start and watch runs, compare results, chat (localhost by default)",
+    ),
     "demo": (
         "zhtune.demo.sentiment",
         "demo",
