@@ -71,17 +71,14 @@ def runnable(command: str) -> bool:
 
 
 def sections(command: str) -> tuple[dict[str, type], dict[str, set[str]]]:
-    """The command's sections, and the Hugging Face TrainingArguments it passes through (training commands)."""
-    module = module_of(command)
-    secs = getattr(module, "SECTIONS", None)
-    if secs is None:
-        raise ConfigError(f"zhtune {command} has no options form")
-    passthrough: dict[str, set[str]] = {}
-    if "train" in secs and "extra" in {f.name for f in dataclasses.fields(secs["train"])}:
-        from zhtune.train.trainer import training_arguments_fields
+    """The command's sections, and the Hugging Face TrainingArguments it passes through (training commands):
+    what the pipeline hands each command, so a form and a recipe stage accept the same options."""
+    from zhtune.pipeline.stages import sections as command_sections
 
-        passthrough = {"train": training_arguments_fields()}
-    return secs, passthrough
+    module = module_of(command)
+    if getattr(module, "SECTIONS", None) is None and getattr(module, "CONFIG", None) is None:
+        raise ConfigError(f"zhtune {command} has no options form")
+    return command_sections(module)
 
 
 def default_of(f: dataclasses.Field) -> Any:

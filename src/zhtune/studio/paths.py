@@ -88,6 +88,8 @@ NOT_PATHS = {
     "served_model_name": "the model id clients send",
     "num_samples": "a count of tasks",
     "output_type": "huggingface or gguf",
+    "fused_lora": "a yes/no switch",
+    "task_metric": "a metric name",
 }
 # values that name no file: the embedded model, and --resume_from_checkpoint's words
 KEYWORDS = {
