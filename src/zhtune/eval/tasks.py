@@ -37,6 +37,7 @@ class TaskOptions:
     max_new_tokens: int = 64
     batch_size: int = 8
     system_prompt: str | None = None
+    sample_replies: int = 0  # keep the greedy replies to the first N records (any metric)
 
 
 def read_items(path: str | Path, max_samples: int | None = None) -> list[tuple[int, list[Message], str]]:
@@ -96,8 +97,17 @@ def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions) -> dict[str, Any
     prompts = [_with_system(m, opts.system_prompt) for _, m, _ in items]
     refs = [r for _, _, r in items]
     if opts.metric == "labels":
-        return _labels(model, tok, fmt, opts, items, prompts, refs)
-    return _generated(model, tok, fmt, opts, prompts, refs)
+        out = _labels(model, tok, fmt, opts, items, prompts, refs)
+        replies = greedy_replies(model, tok, fmt, prompts[: opts.sample_replies], opts)
+    else:
+        replies = greedy_replies(model, tok, fmt, prompts, opts)
+        out = _generated(opts, prompts, refs, replies)
+    if opts.sample_replies:
+        out["samples"] = [
+            {"prompt": p[-1]["content"], "reference": ref, "reply": r}
+            for p, ref, r in zip(prompts, refs, replies[: opts.sample_replies])
+        ]
+    return out
 
 
 def _labels(model, tok, fmt, opts, items, prompts, refs) -> dict[str, Any]:  # noqa: ANN001
@@ -130,7 +140,12 @@ def _labels(model, tok, fmt, opts, items, prompts, refs) -> dict[str, Any]:  # n
     }
 
 
-def _generated(model, tok, fmt, opts, prompts, refs) -> dict[str, Any]:  # noqa: ANN001
+def greedy_replies(
+    model: Any, tok: Any, fmt: Any, prompts: list[list[Message]], opts: TaskOptions
+) -> list[str]:
+    """The greedy reply to each prompt, in padded batches of ``opts.batch_size``."""
+    if not prompts:
+        return []
     from tqdm import tqdm
 
     from zhtune.config.args import GenerationArgs
@@ -152,6 +167,12 @@ def _generated(model, tok, fmt, opts, prompts, refs) -> dict[str, Any]:  # noqa:
             replies.append(job.reply().text.strip())
     finally:
         engine.close()
+    return replies
+
+
+def _generated(
+    opts: TaskOptions, prompts: list[list[Message]], refs: list[str], replies: list[str]
+) -> dict[str, Any]:
     correct = [
         match("exact" if opts.metric == "f1" else opts.metric, r, ref) for r, ref in zip(replies, refs)
     ]
