@@ -55,10 +55,10 @@ def test_old_flags_become_pipeline_options():
     o = {s.name: s.options for s in a.specs}
     assert a.variant == "quick" and a.run_dir == "out/d"
     assert (o["sft"]["max_steps"], o["sft"]["save_steps"], o["sft"]["seed"], o["data"]["seed"]) == (
-        "5",
-        "5",
-        "3",
-        "3",
+        5,
+        5,
+        3,
+        3,
     )
     assert o["data"]["sentiment_train"] == 200  # the variant's, where no flag overrides it
     fresh = parse_cli(expand_shortcut("demo", []), SECTIONS, prog="p", description="").pipeline

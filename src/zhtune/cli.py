@@ -56,6 +56,8 @@ def expand_shortcut(name: str, argv: list[str]) -> list[str]:
     import json
     import time
 
+    import yaml
+
     from zhtune.errors import ConfigError
     from zhtune.recipes import recipes
 
@@ -70,7 +72,7 @@ def expand_shortcut(name: str, argv: list[str]) -> list[str]:
             print(f"  --{old:<28} sets {', '.join(new)}")
         print()
     out: list[str] = []
-    stages: dict[str, dict[str, str]] = {}
+    stages: dict[str, dict[str, object]] = {}
     i = 0
     while i < len(argv):
         key, eq, value = argv[i].removeprefix("--").partition("=")
@@ -85,8 +87,8 @@ def expand_shortcut(name: str, argv: list[str]) -> list[str]:
         i += 1
         for target in renames[key]:
             stage, dot, option = target.rpartition(".")
-            if dot:
-                stages.setdefault(stage, {})[option] = value
+            if dot:  # typed as YAML reads it (5 -> 5), as the recipe's own values are
+                stages.setdefault(stage, {})[option] = yaml.safe_load(value)
             else:
                 out += [f"--{target}", value]
     for key, value in defaults.items():
