@@ -6,14 +6,16 @@ or ``<command>_<subcommand>`` for commands with subcommands (``vocab_merge.yaml`
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import typing
 
 import pytest
 import yaml
 from conftest import REPO
 
 from zhtune.cli import COMMANDS
-from zhtune.config.parse import build
+from zhtune.config.parse import ALIASES, build, coerce
 
 RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
 
@@ -39,7 +41,24 @@ def test_recipe_loads(path):
 
     secs, passthrough = sections(sections_for(path))  # the pipeline's own check of a stage's options
     cfg = build(secs, recipe=path, passthrough=passthrough)
-    assert cfg.to_dict()
+    # every option the recipe sets arrives, with its value, in the section that owns it
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    flat = {}
+    for key, value in raw.items():
+        grouped = key in secs and isinstance(value, dict)
+        flat.update(value if grouped else {key: value})
+    assert flat, f"{path} sets no option"
+    for key, value in flat.items():
+        key = ALIASES.get(key, key)
+        owners = [s for s, cls in secs.items() if key in typing.get_type_hints(cls)]
+        if owners:
+            (sec,) = owners
+            section = getattr(cfg, sec)
+            given = coerce(value, typing.get_type_hints(type(section))[key], key)
+            normalized = getattr(dataclasses.replace(section, **{key: given}), key)  # as __post_init__ has it
+            assert getattr(section, key) == normalized, (path, key)
+        else:
+            assert cfg.train.extra[key] == value, (path, key)  # a Hugging Face TrainingArguments option
 
 
 def test_chinese_llama_stage2_recipe_is_the_seed():

@@ -70,14 +70,23 @@ def test_the_file_tree_lists_every_module_once_and_nothing_else():
 
 @pytest.mark.slow
 def test_quick_demo_runs(tmp_path):
+    """zhtune demo --quick on the embedded model. The base model answers 正面 to almost every review; 10 LoRA
+    steps teach it 负面: on a 2-core CPU, recall of 负面 went from 5% to 60% and of 正面 from 85% to 35%
+    (accuracy 45.0% -> 47.5%; the full 75-step demo is where accuracy rises)."""
     from zhtune.cli import main
 
     run = tmp_path / "demo"
     assert main(["demo", "--quick", "--output_dir", str(run)]) == 0
-    res = json.loads((run / "results.json").read_text(encoding="utf-8"))
-    assert res["held_out"] == 40 and res["train"] == 200
-    for k in ("before", "after"):
-        assert 0.0 <= res[k]["accuracy"] <= 1.0
-    assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    assert (run / "adapter" / "loss_curve.png").is_file()
-    assert res["chat"]["assistant"]
+    state = json.loads((run / "pipeline_state.json").read_text(encoding="utf-8"))
+    assert state["stages"]["data"]["result"]["sentiment_train"] == 200
+    res = state["stages"]["eval"]["result"]["results"]
+    before, after = res["base"]["sentiment"], res["sft"]["sentiment"]
+    assert before["n"] == after["n"] == 40
+    neg, pos = "负面", "正面"
+    assert after["per_label"][neg] >= before["per_label"][neg] + 0.3, (before, after)
+    gap = lambda r: abs(r["per_label"][pos] - r["per_label"][neg])  # noqa: E731
+    assert gap(after) <= gap(before) - 0.3, (before, after)  # the bias towards one answer shrank
+    assert (run / "sft" / "adapter_model.safetensors").is_file()
+    assert (run / "sft" / "loss_curve.png").is_file()
+    (sample,) = after["samples"]
+    assert sample["reply"] and sample["reference"] in ("正面", "负面")

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from zhtune.commands import COMMANDS, DISTRIBUTED
+from zhtune.commands import COMMANDS, DISTRIBUTED, SHORTCUTS
 
 
 def usage() -> str:
@@ -51,6 +51,54 @@ def split_log_level(argv: list[str]) -> tuple[str, list[str]]:
     return "info", argv
 
 
+def expand_shortcut(name: str, argv: list[str]) -> list[str]:
+    """``zhtune demo --max_steps 5`` -> ``zhtune pipeline <recipe> --stage_options '{"sft": {...}}' ...``."""
+    import json
+    import time
+
+    import yaml
+
+    from zhtune.errors import ConfigError
+    from zhtune.recipes import recipes
+
+    command, recipe, defaults, renames = SHORTCUTS[name]
+    try:
+        path = recipes()[recipe]
+    except (FileNotFoundError, KeyError) as e:
+        raise ConfigError(f"the recipe {recipe} is not here: {e}") from None
+    if "-h" in argv or "--help" in argv:
+        print(f"zhtune {name} runs: zhtune {command} {path}, with these options of its own:")
+        for old, new in renames.items():
+            print(f"  --{old:<28} sets {', '.join(new)}")
+        print()
+    out: list[str] = []
+    stages: dict[str, dict[str, object]] = {}
+    i = 0
+    while i < len(argv):
+        key, eq, value = argv[i].removeprefix("--").partition("=")
+        if not argv[i].startswith("--") or key not in renames:
+            out.append(argv[i])
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            value, i = argv[i + 1], i + 1
+        i += 1
+        for target in renames[key]:
+            stage, dot, option = target.rpartition(".")
+            if dot:  # typed as YAML reads it (5 -> 5), as the recipe's own values are
+                stages.setdefault(stage, {})[option] = yaml.safe_load(value)
+            else:
+                out += [f"--{target}", value]
+    for key, value in defaults.items():
+        if not any(a == f"--{key}" or a.startswith(f"--{key}=") for a in out):
+            out += [f"--{key}", value.format(time=time.strftime("%Y%m%d-%H%M%S"))]
+    if stages:
+        out += ["--stage_options", json.dumps(stages, ensure_ascii=False)]
+    return [str(path), *out]
+
+
 def main(argv: list[str] | None = None) -> int:
     level, argv = split_log_level(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -76,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(level)
     from zhtune.errors import ConfigError, exit_code
 
+    if name in SHORTCUTS:  # a shipped recipe run by another command
+        try:
+            rest = expand_shortcut(name, rest)
+        except ConfigError as e:
+            print(f"zhtune {name}: {e}", file=sys.stderr)
+            return 2
     if name in DISTRIBUTED:  # --nproc_per_node N / --nnodes ...: run again under torchrun
         from zhtune.train.launch import maybe_relaunch
 

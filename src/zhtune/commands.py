@@ -54,9 +54,33 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "web page: prepare data, start and watch runs, compare results, chat (localhost by default)",
     ),
     "demo": (
-        "zhtune.demo.sentiment",
+        "zhtune.pipeline.run",
         "demo",
-        "Chinese sentiment demo on the embedded default model (CPU, ~10 min)",
+        "Chinese sentiment demo on the embedded default model (CPU, ~13 min): the demo-sentiment recipe",
+    ),
+}
+
+# commands that run another with a shipped recipe: name -> (command, recipe under configs/, options added
+# unless given, options renamed: to the command's own, or to a stage's option as STAGE.OPTION)
+SHORTCUTS: dict[str, tuple[str, str, dict[str, str], dict[str, tuple[str, ...]]]] = {
+    "demo": (
+        "pipeline",
+        "demo-sentiment/pipeline",
+        {"run_dir": "runs/demo-{time}"},
+        {
+            "output_dir": ("run_dir",),
+            "train_samples": ("data.sentiment_train",),
+            "eval_samples": ("data.sentiment_eval",),
+            "max_review_chars": ("data.max_review_chars",),
+            "max_steps": ("sft.max_steps", "sft.save_steps"),
+            "per_device_train_batch_size": ("sft.per_device_train_batch_size",),
+            "learning_rate": ("sft.learning_rate",),
+            "lora_rank": ("sft.lora_rank",),
+            "lora_alpha": ("sft.lora_alpha",),
+            "trainable": ("sft.trainable",),
+            "max_seq_length": ("sft.max_seq_length",),
+            "seed": ("data.seed", "sft.seed"),
+        },
     ),
 }
 

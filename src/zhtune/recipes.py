@@ -9,12 +9,11 @@ overwriting unless ``--force``.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import zhtune
-
-USAGE = "usage: zhtune recipes list | zhtune recipes copy NAME [DEST] [--force]"
+from zhtune.config.subcommands import Subcommands
+from zhtune.errors import ConfigError
 
 
 def configs_dir() -> Path:
@@ -66,8 +65,6 @@ def list_recipes() -> str:
 
 def copy(name: str, dest: str | Path = ".", force: bool = False) -> list[Path]:
     """Copy recipe ``name`` (or every recipe of folder ``name``) into ``dest``; returns the written files."""
-    from zhtune.errors import ConfigError
-
     name = name.removesuffix(".yaml").strip("/")
     found = recipes()
     if name in found:
@@ -98,24 +95,43 @@ def copy(name: str, dest: str | Path = ".", force: bool = False) -> list[Path]:
     return list(targets.values())
 
 
-def cli(argv: list[str] | None = None) -> int:
-    from zhtune.errors import ConfigError
+def list_cli(argv: list[str]) -> int:
+    if argv:
+        if argv[0] in ("-h", "--help"):
+            print("usage: zhtune recipes list")
+            return 0
+        raise ConfigError("usage: zhtune recipes list (no arguments)")
+    print(list_recipes())
+    return 0
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+
+def copy_cli(argv: list[str]) -> int:
+    usage = "usage: zhtune recipes copy NAME [DEST] [--force]"
+    if "-h" in argv or "--help" in argv:
+        print(usage)
+        return 0
     force = "--force" in argv
     args = [a for a in argv if a != "--force"]
-    if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if args else 2
-    if args[0] == "list" and len(args) == 1:
-        print(list_recipes())
-        return 0
-    if args[0] == "copy" and len(args) in (2, 3):
-        written = copy(args[1], args[2] if len(args) == 3 else ".", force)
-        for p in written:
-            print(f"wrote {p}")
-        cmd = command_of(str(written[0].with_suffix("")))
-        if len(written) == 1 and cmd != "?":
-            print(f"edit it, then: zhtune {cmd} {written[0]}")
-        return 0
-    raise ConfigError(USAGE)
+    if len(args) not in (1, 2) or any(a.startswith("-") for a in args):
+        raise ConfigError(usage)
+    written = copy(args[0], args[1] if len(args) == 2 else ".", force)
+    for p in written:
+        print(f"wrote {p}")
+    cmd = command_of(str(written[0].with_suffix("")))
+    if len(written) == 1 and cmd != "?":
+        print(f"edit it, then: zhtune {cmd} {written[0]}")
+    return 0
+
+
+RECIPES = Subcommands(
+    "zhtune recipes",
+    {
+        "list": ("zhtune.recipes:list_cli", "every shipped recipe, the command it is for and what it does"),
+        "copy": (
+            "zhtune.recipes:copy_cli",
+            "copy NAME [DEST] [--force]: a recipe (or a folder of them) to DEST, default the current folder",
+        ),
+    },
+    args="[NAME [DEST] [--force]]",
+)
+cli = RECIPES.cli

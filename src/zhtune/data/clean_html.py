@@ -13,17 +13,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from zhtune.config.parse import Config, field
+from zhtune.config.parse import field
 from zhtune.data.tool import (
     InputArgs,
     OutputArgs,
     Result,
-    Summary,
     Tool,
-    as_config,
+    ToolCommand,
     edit_texts,
-    run,
-    tool_cli,
 )
 
 DESCRIPTION = (
@@ -115,10 +112,5 @@ class CleanHtml(Tool):
         return edit_texts(rec, self.text, "cleaning", check=False)
 
 
-def main(cfg: Config | dict[str, Any]) -> Summary:
-    cfg = as_config(cfg, SECTIONS)
-    return run(CleanHtml(cfg.clean), cfg.input, cfg.output)
-
-
-def cli(argv: list[str] | None = None) -> int:
-    return tool_cli(argv, SECTIONS, "zhtune data clean-html", DESCRIPTION, main)
+COMMAND = ToolCommand(CleanHtml, SECTIONS, DESCRIPTION)
+main, cli = COMMAND.main, COMMAND.cli

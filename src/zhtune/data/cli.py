@@ -6,9 +6,9 @@ where the work allows, writes its output atomically (never over an input) and en
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
+
+from zhtune.config.subcommands import Subcommands
 
 # name -> (module with cli(argv), one-line help)
 TOOLS: dict[str, tuple[str, str]] = {
@@ -40,35 +40,14 @@ TOOLS: dict[str, tuple[str, str]] = {
 }
 
 
-def usage() -> str:
-    width = max(len(t) for t in TOOLS)
-    lines = ["usage: zhtune data <tool> [recipe.yaml] [--option value ...]", "", "tools:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in TOOLS.items()]
-    lines += ["", "Run 'zhtune data <tool> --help' for a tool's options."]
-    return "\n".join(lines)
-
-
-def cli(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
-        return 0
-    name = argv[0].replace("_", "-")
-    if name not in TOOLS:
-        import difflib
-
-        hint = difflib.get_close_matches(name, list(TOOLS), n=1)
-        print(
-            f"zhtune data: unknown tool {argv[0]!r}" + (f" (did you mean {hint[0]}?)" if hint else ""),
-            file=sys.stderr,
-        )
-        print(usage(), file=sys.stderr)
-        return 2
-    # parallelism comes from --num_proc; one BLAS thread per process keeps 2 cores from thrashing
+def one_blas_thread() -> None:
+    """Parallelism comes from --num_proc; one BLAS thread per process keeps 2 cores from thrashing."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
-    module = importlib.import_module(TOOLS[name][0])
-    return int(module.cli(argv[1:]) or 0)
+
+
+DATA = Subcommands("zhtune data", TOOLS, noun="tool", before=one_blas_thread)
+cli, main = DATA.cli, DATA.main  # main({"command": "dedup", ...options}) runs one from Python
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from zhtune.config.parse import Config, field
-from zhtune.data.tool import InputArgs, OutputArgs, Result, Summary, Tool, as_config, messages, run, tool_cli
+from zhtune.config.parse import field
+from zhtune.data.tool import InputArgs, OutputArgs, Result, Tool, ToolCommand, messages
 from zhtune.errors import ConfigError
 from zhtune.text.formats import extras_of, from_messages
 
@@ -51,10 +51,5 @@ class Convert(Tool):
         return Result([out], changed=fmt != self.to, fmt=fmt)
 
 
-def main(cfg: Config | dict[str, Any]) -> Summary:
-    cfg = as_config(cfg, SECTIONS)
-    return run(Convert(cfg.convert), cfg.input, cfg.output)
-
-
-def cli(argv: list[str] | None = None) -> int:
-    return tool_cli(argv, SECTIONS, "zhtune data convert", DESCRIPTION, main)
+COMMAND = ToolCommand(Convert, SECTIONS, DESCRIPTION)
+main, cli = COMMAND.main, COMMAND.cli

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from zhtune.config.parse import Config, field
+from zhtune.config.parse import field
 from zhtune.data.jsonl import dumps
 from zhtune.data.tool import (
     InputArgs,
@@ -34,10 +34,8 @@ from zhtune.data.tool import (
     Result,
     Summary,
     Tool,
-    as_config,
+    ToolCommand,
     messages,
-    run,
-    tool_cli,
 )
 from zhtune.errors import ConfigError
 from zhtune.text.formats import extras_of, from_messages, split_system
@@ -294,27 +292,22 @@ class Dedup(Tool):
         summary.extra["units_removed"] = sum(len(r["removed"]) for r in rows)
         summary.extra["largest_clusters"] = rows[:5]
 
-
-def main(cfg: Config | dict[str, Any]) -> Summary:
-    cfg = as_config(cfg, SECTIONS)
-    return run(Dedup(cfg.dedup), cfg.input, cfg.output)
-
-
-def cli(argv: list[str] | None = None) -> int:
-    def show(cfg: Config) -> Summary:
-        s = main(cfg)
+    def notes(self, summary: Summary) -> list[str]:
+        a = self.args
         unit = {"document": "conversations", "prompt": "conversations", "turn": "human/assistant pairs"}
-        print(
-            f"duplicate clusters: {s.extra['clusters']}, {unit[cfg.dedup.level]} removed: {s.extra['units_removed']}"
-        )
-        for r in s.extra["largest_clusters"][:3]:
+        lines = [
+            f"duplicate clusters: {summary.extra['clusters']}, {unit[a.level]} removed: {summary.extra['units_removed']}"
+        ]
+        for r in summary.extra["largest_clusters"][:3]:
             k = r["kept"]
-            print(
+            lines.append(
                 f"  kept {k['file']}:{k['line']}, removed {len(r['removed'])}: "
                 + ", ".join(f"line {x['line']} ({x['match']} {x['similarity']})" for x in r["removed"][:4])
             )
-        if cfg.dedup.clusters_file:
-            print(f"clusters: {cfg.dedup.clusters_file}")
-        return s
+        if a.clusters_file:
+            lines.append(f"clusters: {a.clusters_file}")
+        return lines
 
-    return tool_cli(argv, SECTIONS, "zhtune data dedup", DESCRIPTION, show)
+
+COMMAND = ToolCommand(Dedup, SECTIONS, DESCRIPTION)
+main, cli = COMMAND.main, COMMAND.cli

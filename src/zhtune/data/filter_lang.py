@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import Config, field
+from zhtune.config.parse import field
 from zhtune.data.tool import (
     InputArgs,
     Item,
@@ -28,10 +28,8 @@ from zhtune.data.tool import (
     Result,
     Summary,
     Tool,
-    as_config,
+    ToolCommand,
     messages,
-    run,
-    tool_cli,
 )
 from zhtune.errors import ConfigError
 from zhtune.text.formats import conversation_text
@@ -166,16 +164,9 @@ class FilterLang(Tool):
     def finish(self, summary: Summary) -> None:
         summary.extra["languages"] = dict(self.langs.most_common())
 
-
-def main(cfg: Config | dict[str, Any]) -> Summary:
-    cfg = as_config(cfg, SECTIONS)
-    return run(FilterLang(cfg.lang), cfg.input, cfg.output)
+    def notes(self, summary: Summary) -> list[str]:
+        return ["languages seen: " + ", ".join(f"{k} {v}" for k, v in summary.extra["languages"].items())]
 
 
-def cli(argv: list[str] | None = None) -> int:
-    def show(cfg: Config) -> Summary:
-        s = main(cfg)
-        print("languages seen: " + ", ".join(f"{k} {v}" for k, v in s.extra["languages"].items()))
-        return s
-
-    return tool_cli(argv, SECTIONS, "zhtune data filter-lang", DESCRIPTION, show)
+COMMAND = ToolCommand(FilterLang, SECTIONS, DESCRIPTION)
+main, cli = COMMAND.main, COMMAND.cli

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import Config, field
+from zhtune.config.parse import field
 from zhtune.data.jsonl import dumps
 from zhtune.data.tool import (
     InputArgs,
@@ -23,10 +23,8 @@ from zhtune.data.tool import (
     Result,
     Summary,
     Tool,
-    as_config,
+    ToolCommand,
     messages,
-    run,
-    tool_cli,
 )
 from zhtune.errors import ConfigError
 
@@ -99,17 +97,10 @@ class Merge(Tool):
         summary.extra["ids_renamed"] = self.renamed
         summary.extra["ids_added"] = self.added
 
-
-def main(cfg: Config | dict[str, Any]) -> Summary:
-    cfg = as_config(cfg, SECTIONS)
-    summary = run(Merge(cfg.merge), cfg.input, cfg.output)
-    return summary
+    def notes(self, summary: Summary) -> list[str]:
+        e = summary.extra
+        return [f"ids renamed to stay unique: {e['ids_renamed']}, ids added: {e['ids_added']}"]
 
 
-def cli(argv: list[str] | None = None) -> int:
-    def show(cfg: Config) -> Summary:
-        s = main(cfg)
-        print(f"ids renamed to stay unique: {s.extra['ids_renamed']}, ids added: {s.extra['ids_added']}")
-        return s
-
-    return tool_cli(argv, SECTIONS, "zhtune data merge", DESCRIPTION, show)
+COMMAND = ToolCommand(Merge, SECTIONS, DESCRIPTION)
+main, cli = COMMAND.main, COMMAND.cli

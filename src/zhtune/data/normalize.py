@@ -15,17 +15,14 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from zhtune.config.parse import Config, field
+from zhtune.config.parse import field
 from zhtune.data.tool import (
     InputArgs,
     OutputArgs,
     Result,
-    Summary,
     Tool,
-    as_config,
+    ToolCommand,
     edit_texts,
-    run,
-    tool_cli,
 )
 
 DESCRIPTION = (
@@ -108,10 +105,5 @@ class Normalize(Tool):
         return edit_texts(rec, self.text, "normalizing")
 
 
-def main(cfg: Config | dict[str, Any]) -> Summary:
-    cfg = as_config(cfg, SECTIONS)
-    return run(Normalize(cfg.normalize), cfg.input, cfg.output)
-
-
-def cli(argv: list[str] | None = None) -> int:
-    return tool_cli(argv, SECTIONS, "zhtune data normalize", DESCRIPTION, main)
+COMMAND = ToolCommand(Normalize, SECTIONS, DESCRIPTION)
+main, cli = COMMAND.main, COMMAND.cli

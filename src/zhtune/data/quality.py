@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import Config, field
+from zhtune.config.parse import field
 from zhtune.data.jsonl import BadRecord
 from zhtune.data.tool import (
     InputArgs,
@@ -29,10 +29,8 @@ from zhtune.data.tool import (
     Result,
     Summary,
     Tool,
-    as_config,
+    ToolCommand,
     messages,
-    run,
-    tool_cli,
 )
 from zhtune.errors import ConfigError
 from zhtune.text.formats import conversation_text
@@ -154,20 +152,13 @@ class Quality(Tool):
     def finish(self, summary: Summary) -> None:
         summary.extra["checks_failed"] = dict(self.failed.most_common())
 
-
-def main(cfg: Config | dict[str, Any]) -> Summary:
-    cfg = as_config(cfg, SECTIONS)
-    return run(Quality(cfg.quality), cfg.input, cfg.output)
-
-
-def cli(argv: list[str] | None = None) -> int:
-    def show(cfg: Config) -> Summary:
-        s = main(cfg)
-        failed = s.extra["checks_failed"]
-        print(
+    def notes(self, summary: Summary) -> list[str]:
+        failed = summary.extra["checks_failed"]
+        return [
             "checks failed (a record may fail several): "
             + (", ".join(f"{k} {v}" for k, v in failed.items()) or "none")
-        )
-        return s
+        ]
 
-    return tool_cli(argv, SECTIONS, "zhtune data filter", DESCRIPTION, show)
+
+COMMAND = ToolCommand(Quality, SECTIONS, DESCRIPTION)
+main, cli = COMMAND.main, COMMAND.cli

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zhtune.config.parse import Config, field
+from zhtune.config.parse import field
 from zhtune.data.tool import (
     InputArgs,
     Item,
@@ -23,10 +23,8 @@ from zhtune.data.tool import (
     Result,
     Summary,
     Tool,
-    as_config,
+    ToolCommand,
     parse_batch,
-    run,
-    tool_cli,
 )
 from zhtune.errors import ConfigError
 from zhtune.text.formats import extras_of, from_messages, split_system
@@ -153,20 +151,13 @@ class SplitLong(Tool):
             pairs_over_budget_dropped=self.stats["long_pairs"] if self.args.drop_long_pairs else 0,
         )
 
-
-def main(cfg: Config | dict[str, Any]) -> Summary:
-    cfg = as_config(cfg, SECTIONS)
-    return run(SplitLong(cfg.split), cfg.input, cfg.output)
-
-
-def cli(argv: list[str] | None = None) -> int:
-    def show(cfg: Config) -> Summary:
-        s = main(cfg)
-        e = s.extra
-        print(
+    def notes(self, summary: Summary) -> list[str]:
+        e = summary.extra
+        return [
             f"conversations split: {e['conversations_split']}; human/assistant pairs over the budget: "
-            f"{e['pairs_over_budget']} ({'dropped' if cfg.split.drop_long_pairs else 'kept alone'})"
-        )
-        return s
+            f"{e['pairs_over_budget']} ({'dropped' if self.args.drop_long_pairs else 'kept alone'})"
+        ]
 
-    return tool_cli(argv, SECTIONS, "zhtune data split-long", DESCRIPTION, show)
+
+COMMAND = ToolCommand(SplitLong, SECTIONS, DESCRIPTION)
+main, cli = COMMAND.main, COMMAND.cli

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from zhtune.config.parse import Config, field, parse_cli
-from zhtune.data.tool import InputArgs, Item, Result, Summary, Tool, as_config, parse_batch, run, save_report
+from zhtune.config.parse import field
+from zhtune.data.tool import InputArgs, Item, Result, Summary, Tool, ToolCommand, parse_batch
 from zhtune.text.formats import conversation_text, split_system
 
 DESCRIPTION = "Statistics of a data set: counts, token lengths, turns, language mix; a table and a PNG."
@@ -122,6 +122,13 @@ class Stats(Tool):
             pairs_per_conversation=dict(sorted(self.turns.items())),
             languages=dict(self.langs.most_common()),
         )
+        files = [Path(i["file"]) for i in summary.inputs]
+        plot_file = Path(self.args.plot_file or f"{files[0].stem}.stats.png")
+        plot(self, plot_file, self.args.bins, ", ".join(f.name for f in files))
+        summary.extra["plot_file"] = str(plot_file)
+
+    def table(self, summary: Summary) -> str:
+        return f"{table(summary)}\nhistogram: {summary.extra['plot_file']}"
 
 
 def plot(stats: Stats, path: Path, bins: int, title: str) -> None:
@@ -188,21 +195,5 @@ def table(summary: Summary) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def main(cfg: Config | dict[str, Any]) -> Summary:
-    cfg = as_config(cfg, SECTIONS)
-    a = cfg.stats
-    tool = Stats(a)
-    summary = run(tool, cfg.input)
-    plot_file = Path(a.plot_file or f"{Path(cfg.input.in_file[0]).stem}.stats.png")
-    plot(tool, plot_file, a.bins, ", ".join(Path(p).name for p in cfg.input.in_file))
-    summary.extra["plot_file"] = str(plot_file)
-    return summary
-
-
-def cli(argv: list[str] | None = None) -> int:
-    cfg = parse_cli(argv, SECTIONS, prog="zhtune data stats", description=DESCRIPTION)
-    summary = main(cfg)
-    print(f"zhtune data stats:\n{table(summary)}\nhistogram: {summary.extra['plot_file']}", flush=True)
-    if cfg.input.report_file:
-        save_report(summary, cfg.input.report_file)
-    return 0
+COMMAND = ToolCommand(Stats, SECTIONS, DESCRIPTION)
+main, cli = COMMAND.main, COMMAND.cli

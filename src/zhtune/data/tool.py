@@ -164,6 +164,14 @@ class Tool:
     def finish(self, summary: Summary) -> None:
         """After the last record: add the tool's report to ``summary.extra``."""
 
+    def notes(self, summary: Summary) -> list[str]:
+        """Lines ``zhtune data`` prints before the summary table: what this tool found."""
+        return []
+
+    def table(self, summary: Summary) -> str:
+        """The summary table ``zhtune data`` prints."""
+        return summary.table()
+
 
 @dataclass
 class Summary:
@@ -377,13 +385,6 @@ def as_config(cfg: Config | dict[str, Any], sections: dict[str, type]) -> Config
     return cfg if isinstance(cfg, Config) else build(sections, cfg)
 
 
-def report(summary: Summary, title: str, report_file: str | None = None) -> None:
-    """Print the summary table; write it as JSON when asked."""
-    print(f"{title}\n{summary.table()}", flush=True)
-    if report_file:
-        save_report(summary, report_file)
-
-
 def save_report(summary: Summary, path: str) -> None:
     from zhtune.atomic import atomic_write_text
 
@@ -391,11 +392,32 @@ def save_report(summary: Summary, path: str) -> None:
     print(f"report: {path}")
 
 
-def tool_cli(
-    argv: list[str] | None, sections: dict[str, type], prog: str, description: str, main: Any
-) -> int:
-    """The thin CLI every record tool shares: parse, run ``main(cfg)``, print (and save) the summary."""
-    cfg = parse_cli(argv, sections, prog=prog, description=description)
-    summary = main(cfg)
-    report(summary, f"{prog}:", cfg.input.report_file)
-    return 0
+class ToolCommand:
+    """A tool as a command: ``main(cfg)`` from Python, ``cli(argv)`` for ``zhtune data <tool.name>``.
+
+    The tool is built from the config section that is neither ``input`` nor ``output``; it writes to
+    ``output`` when the command has that section. The CLI prints the tool's notes, then the summary table
+    (saved as JSON with ``--report_file``).
+    """
+
+    def __init__(self, tool: type[Tool], sections: dict[str, type], description: str):
+        self.tool, self.sections, self.description = tool, sections, description
+        self.section = next(s for s in sections if s not in ("input", "output"))
+        self.prog = f"zhtune data {tool.name}"
+
+    def run(self, cfg: Config) -> tuple[Tool, Summary]:
+        tool = self.tool(getattr(cfg, self.section))
+        return tool, run(tool, cfg.input, getattr(cfg, "output", None))
+
+    def main(self, cfg: Config | dict[str, Any]) -> Summary:
+        return self.run(as_config(cfg, self.sections))[1]
+
+    def cli(self, argv: list[str] | None = None) -> int:
+        cfg = parse_cli(argv, self.sections, prog=self.prog, description=self.description)
+        tool, summary = self.run(cfg)
+        for line in tool.notes(summary):
+            print(line)
+        print(f"{self.prog}:\n{tool.table(summary)}", flush=True)
+        if cfg.input.report_file:
+            save_report(summary, cfg.input.report_file)
+        return 0

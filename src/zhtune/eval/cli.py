@@ -36,7 +36,15 @@ DESCRIPTION = "Evaluate models on C-Eval/CMMLU/MMLU, bits per character on text,
 
 MCQ_KEYS = ("benchmark", "data_dir", "split", "shots", "subjects", "max_questions", "apply_chat_template")
 TEXT_KEYS = ("text_files", "text_field", "max_documents", "stride")
-TASK_KEYS = ("task_file", "task_metric", "labels", "max_samples", "max_new_tokens", "system_prompt")
+TASK_KEYS = (
+    "task_file",
+    "task_metric",
+    "labels",
+    "max_samples",
+    "max_new_tokens",
+    "system_prompt",
+    "sample_replies",
+)
 SHARED_KEYS = ("max_seq_length", "per_device_eval_batch_size")
 
 
@@ -85,6 +93,9 @@ class EvalArgs:
     max_samples: int | None = field(None, "At most this many task records.")
     max_new_tokens: int = field(64, "Longest greedy reply for exact/contains.")
     system_prompt: str | None = field(None, "System prompt for task records that have none.")
+    sample_replies: int = field(
+        0, "Keep the greedy replies to the first N task records (any metric): in the results and the report."
+    )
     tasks: list[dict] | None = field(
         None,
         "Several tasks (in a recipe): a list of mappings with a name and the options above, e.g. "
@@ -100,6 +111,8 @@ class EvalArgs:
             raise ConfigError(f"--shots must be >= 0, got {self.shots}")
         if self.max_seq_length < 16:
             raise ConfigError(f"--max_seq_length {self.max_seq_length} is too short")
+        if self.sample_replies < 0:
+            raise ConfigError(f"--sample_replies must be >= 0, got {self.sample_replies}")
         if self.per_device_eval_batch_size <= 0:
             raise ConfigError("--per_device_eval_batch_size must be positive")
         if self.compare and self.lora_models:
@@ -180,6 +193,7 @@ def _task_from(values: dict[str, Any], where: str) -> Task:
             max_samples=v["max_samples"],
             max_new_tokens=v["max_new_tokens"],
             system_prompt=v["system_prompt"],
+            sample_replies=v["sample_replies"],
             batch_size=common["batch_size"],
         )
         name = v.get("name") or Path(v["task_file"]).stem
@@ -276,7 +290,7 @@ def main(cfg: Config | dict[str, Any], models: list[ModelSpec] | None = None) ->
 
     ``models`` replaces --model_name_or_path/--lora_models/--compare (the pipeline names its stages' models).
     """
-    from zhtune.eval.report import results_table, write_outputs
+    from zhtune.eval.report import results_table, samples_text, write_outputs
 
     if not isinstance(cfg, Config):
         cfg = build(SECTIONS, cfg)
@@ -317,6 +331,9 @@ def main(cfg: Config | dict[str, Any], models: list[ModelSpec] | None = None) ->
     }
     print()
     print(results_table(summary, show_subjects=a.show_subjects))
+    sample_lines = samples_text(summary)
+    if sample_lines:
+        print(f"\n{sample_lines}")
     if out_dir is not None:
         paths = write_outputs(summary, out_dir, cfg)
         print(f"\nresults in {', '.join(str(p) for p in paths)}")

@@ -95,6 +95,28 @@ def results_table(summary: dict[str, Any], show_subjects: bool = False) -> str:
     return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths), *[line(r) for r in rows[1:]]])
 
 
+def samples(summary: dict[str, Any]) -> Iterator[tuple[str, str, str, dict[str, str]]]:
+    """(task, prompt, reference, {model: reply}) for each sample reply kept (``--sample_replies``)."""
+    models = list(summary["results"])
+    for task in summary["tasks"]:
+        kept = [(m, (summary["results"][m].get(task) or {}).get("samples") or []) for m in models]
+        for i, first in enumerate(max((k for _, k in kept), key=len)):
+            replies = {m: k[i]["reply"] for m, k in kept if i < len(k)}
+            yield task, first["prompt"], first["reference"], replies
+
+
+def samples_text(summary: dict[str, Any]) -> str:
+    """The sample replies for the terminal: each prompt, every model's reply, the reference."""
+    models = list(summary["results"])
+    width = max([len(m) for m in models] + [len("reference")])
+    out = []
+    for task, prompt, ref, replies in samples(summary):
+        out += ["", f"{task}: {prompt}"]
+        out += [f"  {m:<{width}}  {r}" for m, r in replies.items()]
+        out.append(f"  {'reference':<{width}}  {ref}")
+    return "\n".join(out[1:])
+
+
 def markdown_table(summary: dict[str, Any], show_subjects: bool = False) -> str:
     models = list(summary["results"])
     out = ["| task | metric | " + " | ".join(models) + " |", "|---|---|" + "---:|" * len(models)]

@@ -46,6 +46,7 @@ class TaskOptions:
     max_new_tokens: int = 64
     batch_size: int = 8
     system_prompt: str | None = None
+    sample_replies: int = 0  # keep the greedy replies to the first N records (any metric)
 
 
 def read_items(path: str | Path, max_samples: int | None = None) -> list[tuple[int, list[Message], str]]:
@@ -123,8 +124,17 @@ def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions) -> dict[str, Any
     prompts = [_with_system(m, opts.system_prompt) for _, m, _ in items]
     refs = [r for _, _, r in items]
     if opts.metric == "labels":
-        return _labels(model, tok, fmt, opts, items, prompts, refs)
-    return _generated(model, tok, fmt, opts, prompts, refs)
+        out = _labels(model, tok, fmt, opts, items, prompts, refs)
+        replies = greedy_replies(model, tok, fmt, prompts[: opts.sample_replies], opts)
+    else:
+        replies = greedy_replies(model, tok, fmt, prompts, opts)
+        out = _generated(opts, prompts, refs, replies)
+    if opts.sample_replies:
+        out["samples"] = [
+            {"prompt": p[-1]["content"], "reference": ref, "reply": r}
+            for p, ref, r in zip(prompts, refs, replies.texts[: opts.sample_replies])
+        ]
+    return out
 
 
 def _labels(model, tok, fmt, opts, items, prompts, refs) -> dict[str, Any]:  # noqa: ANN001
@@ -157,7 +167,21 @@ def _labels(model, tok, fmt, opts, items, prompts, refs) -> dict[str, Any]:  # n
     }
 
 
-def _generated(model, tok, fmt, opts, prompts, refs) -> dict[str, Any]:  # noqa: ANN001
+@dataclass
+class Replies:
+    """Greedy replies, the tokens they took and the seconds spent writing them (after a warm-up reply)."""
+
+    texts: list[str]
+    tokens: int
+    seconds: float
+
+
+def greedy_replies(
+    model: Any, tok: Any, fmt: Any, prompts: list[list[Message]], opts: TaskOptions
+) -> Replies:
+    """The greedy reply to each prompt, in padded batches of ``opts.batch_size``, timed."""
+    if not prompts:
+        return Replies([], 0, 0.0)
     from tqdm import tqdm
 
     from zhtune.config.args import GenerationArgs
@@ -186,7 +210,13 @@ def _generated(model, tok, fmt, opts, prompts, refs) -> dict[str, Any]:  # noqa:
         seconds = time.perf_counter() - t0
     finally:
         engine.close()
-    tokens = sum(job.reply().completion_tokens for job in jobs)
+    return Replies(replies, sum(job.reply().completion_tokens for job in jobs), seconds)
+
+
+def _generated(
+    opts: TaskOptions, prompts: list[list[Message]], refs: list[str], got: Replies
+) -> dict[str, Any]:
+    replies = got.texts
     correct = [
         match("exact" if opts.metric == "f1" else opts.metric, r, ref) for r, ref in zip(replies, refs)
     ]
@@ -204,6 +234,6 @@ def _generated(model, tok, fmt, opts, prompts, refs) -> dict[str, Any]:  # noqa:
         p = tp / (tp + fp) if tp + fp else 0.0
         rc = tp / (tp + fn) if tp + fn else 0.0
         out.update(f1=2 * p * rc / (p + rc) if p + rc else 0.0, precision=p, recall=rc)
-    out.update(generation_speed(replies, tokens, seconds))
+    out.update(generation_speed(replies, got.tokens, got.seconds))
     out["examples_wrong"] = wrong[:5]
     return out

@@ -12,7 +12,8 @@
 Each stage writes to ``<run_dir>/<name>``. Options a stage does not set come from the run so far (see
 :mod:`zhtune.pipeline.stages`): the model to start from, the tokenizer to resize to, adapters to merge.
 Strings may refer to ``${run_dir}``, ``${data.NAME}`` (a file of the demo_data stage) and ``${stage.NAME}``
-(a stage's output directory). A variant overrides top-level options and, per stage, options of ``with``.
+(a stage's output directory). A variant overrides top-level options and, per stage, options of ``with``;
+``--stage_options '{sft: {max_steps: 10}}'`` overrides stage options from the command line, over the variant.
 Loading a recipe checks every stage against its command, so a typo fails before hours of training.
 """
 
@@ -59,6 +60,10 @@ class PipelineArgs:
         help="Named overrides, e.g. quick: {run_dir: ..., stages: {NAME: {option: value}}, skip: [NAME]}.",
     )
     variant: str | None = field(None, "Apply this variant of the recipe.")
+    stage_options: dict = field(
+        factory=dict,
+        help="Stage options over the recipe's and the variant's, e.g. --stage_options '{sft: {max_steps: 10}}'.",
+    )
     quick: bool = field(False, "Shorthand for --variant quick.")
     report_text: list[str] | None = field(
         None, "Text files for the report's tokenizer statistics (default: the eval stage's text files)."
@@ -73,6 +78,7 @@ class PipelineArgs:
             self.variant = "quick"
         if self.variant:
             apply_variant(self, self.variant)
+        self.stages = override_stages(self.stages, self.stage_options, "--stage_options")
         self.specs = parse_stages(self.stages)
         for name in self.rerun or []:
             if name not in {s.name for s in self.specs}:
@@ -97,18 +103,27 @@ def apply_variant(a: PipelineArgs, name: str) -> None:
     for key in ("run_dir", "model_name_or_path", "report_text"):
         if key in v:
             setattr(a, key, v[key])
-    stages = copy.deepcopy(a.stages)
-    by_name = {s.get("name"): s for s in stages if isinstance(s, dict)}
-    for sname, over in (v.get("stages") or {}).items():
-        if sname not in by_name:
-            raise ConfigError(f"variants.{name}.stages: no stage named {sname!r}")
-        if not isinstance(over, dict):
-            raise ConfigError(f"variants.{name}.stages.{sname}: a mapping of option: value")
-        by_name[sname]["with"] = {**(by_name[sname].get("with") or {}), **over}
+    stages = override_stages(a.stages, v.get("stages") or {}, f"variants.{name}.stages")
+    names = [s.get("name") for s in stages if isinstance(s, dict)]
     skip = v.get("skip") or []
-    if not isinstance(skip, list) or any(s not in by_name for s in skip):
-        raise ConfigError(f"variants.{name}.skip: a list of stage names ({', '.join(map(str, by_name))})")
+    if not isinstance(skip, list) or any(s not in names for s in skip):
+        raise ConfigError(f"variants.{name}.skip: a list of stage names ({', '.join(map(str, names))})")
     a.stages = [s for s in stages if s.get("name") not in skip]
+
+
+def override_stages(stages: list[Any], overrides: Any, where: str) -> list[Any]:
+    """A copy of ``stages`` with ``{NAME: {option: value}}`` merged into each named stage's ``with``."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: a mapping of stage name: {{option: value}}")
+    stages = copy.deepcopy(stages)
+    by_name = {s.get("name"): s for s in stages if isinstance(s, dict)}
+    for sname, over in overrides.items():
+        if sname not in by_name:
+            raise ConfigError(f"{where}: no stage named {sname!r} ({', '.join(map(str, by_name))})")
+        if not isinstance(over, dict):
+            raise ConfigError(f"{where}.{sname}: a mapping of option: value")
+        by_name[sname]["with"] = {**(by_name[sname].get("with") or {}), **over}
+    return stages
 
 
 def parse_stages(raw: list[Any]) -> list[StageSpec]:

@@ -104,6 +104,26 @@ def _delta(fmt: str, base: Any, last: Any) -> str:
     return f"{100 * (last - base) / abs(base):+.1f}%"
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def samples_section(summary: dict[str, Any]) -> list[str]:
+    """Each kept sample prompt with every model's greedy reply and the reference."""
+    from zhtune.eval.report import samples
+
+    rows = list(samples(summary))
+    if not rows:
+        return []
+    models = list(summary["results"])
+    lines = ["Greedy replies:", "", "| task | prompt | reference | " + " | ".join(models) + " |"]
+    lines.append("|---" * (3 + len(models)) + "|")
+    for task, prompt, ref, replies in rows:
+        cells = [task, prompt, ref, *(replies.get(m, "-") for m in models)]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return [*lines, ""]
+
+
 def eval_section(summary: dict[str, Any], out: Path, name: str) -> list[str]:
     from zhtune.eval.report import cells, metric_rows
 
@@ -121,6 +141,7 @@ def eval_section(summary: dict[str, Any], out: Path, name: str) -> list[str]:
         if not metric.startswith(" ") and metric not in ("perplexity", "tokens/char"):  # headline metrics
             bars.append((f"{task}: {metric.strip()}", fmt, values))
     lines.append("")
+    lines += samples_section(summary)
     if bars:
         plt = _plt()
         cols = min(3, len(bars))
