@@ -237,6 +237,21 @@ def test_merge_straight_to_gguf(tmp_path, tiny_llama_sp):
     assert "merged" in meta
 
 
+def sharpen_attention(model_dir: Path, factor: float = 8.0) -> Path:
+    """Scale Q and K so attention is far from uniform. At the init's scale a tiny model attends almost evenly,
+    so a Q/K layout that a reader undoes wrongly hardly shows: with the rotary permutation left out, llama.cpp's
+    f16 logits moved by 1.8e-3 of their range, under the 2e-3 bound; sharpened, by 0.13 (f16 itself: 4e-4)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(factor)
+            layer.self_attn.k_proj.weight.mul_(factor)
+    model.save_pretrained(str(model_dir))
+    return model_dir
+
+
 def llama_cpp_model(kind: str, tmp_path: Path, sp_dir: Path, bpe_dir: Path) -> tuple[Path, list[str]]:
     """A tiny model of one vocabulary kind, and extra texts that use its Chinese tokens.
 
@@ -259,9 +274,11 @@ def llama_cpp_model(kind: str, tmp_path: Path, sp_dir: Path, bpe_dir: Path) -> t
         extra = (
             made_up_chinese(tmp_path / "zh_texts.txt", n=3, seed=7).read_text(encoding="utf-8").splitlines()
         )
-    model = make_tiny_model(tok_dir, tmp_path / kind, tie=kind.startswith("bpe"))
-    if (tok_dir / "tokenizer.model").is_file() and not (model / "tokenizer.model").is_file():
-        shutil.copy(tok_dir / "tokenizer.model", model / "tokenizer.model")  # the SentencePiece model is read
+    model = sharpen_attention(make_tiny_model(tok_dir, tmp_path / kind, tie=kind.startswith("bpe")))
+    if kind == "sp_merged" and not (model / "tokenizer.model").is_file():
+        shutil.copy(
+            tok_dir / "tokenizer.model", model / "tokenizer.model"
+        )  # the merged pieces, as merge wrote them
     return model, extra
 
 
@@ -292,3 +309,18 @@ def test_llama_cpp_reads_the_exports(tmp_path, kind, sp_tokenizer_dir, bpe_token
         rel = float(np.abs(got - ref).max() / np.abs(ref).max())
         assert rel < BOUNDS[quant], (quant, rel)
         llm.close()
+
+
+def test_export_verify_with_an_adapter(tmp_path, tiny_llama_bpe, capsys):
+    """zhtune export --verify (base + adapter): llama.cpp tokenizes the chat prompt and answers greedily as zhtune.
+
+    Along this model's greedy reply the top two logits are at least 6.6e-3 of the logit range apart and f16 moves
+    logits by at most 1e-3 of it, so the replies agree by a margin (a sharpened model has near-ties here)."""
+    from lora_helpers import make_adapter
+
+    llama_cpp()
+    ad = make_adapter(tiny_llama_bpe, tmp_path / "a", seed=1, targets=["q_proj", "k_proj", "v_proj"])
+    export(tiny_llama_bpe, tmp_path / "gguf", "f16", "--lora_model", str(ad), "--verify")  # exit code 0: same
+    out = capsys.readouterr().out
+    assert (tmp_path / "gguf" / "a-f16.gguf").is_file()  # named after the last adapter
+    assert "llama.cpp   same greedy reply (24 tokens agree)" in out, out
