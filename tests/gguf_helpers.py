@@ -1,12 +1,35 @@
-"""Helpers for GGUF tests: read a GGUF back, and extend a SentencePiece vocabulary the Chinese-LLaMA way."""
+"""Helpers for GGUF tests: read a GGUF back, extend a SentencePiece vocabulary the Chinese-LLaMA way, and get
+llama.cpp (a skip without it, a failure under CI)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
+
+
+def llama_cpp():
+    """The ``llama_cpp`` module (llama-cpp-python). Without it the calling test skips, except under CI (``CI``
+    set, as every CI service and .ci/run set it), where it fails: a GGUF that llama.cpp reads differently from
+    transformers must fail CI, so CI cannot skip the tests that compare them."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes", "on"):
+            pytest.fail(
+                f"CI compares GGUF exports in llama.cpp with transformers, but llama_cpp does not import ({e}); "
+                "`make llamacpp` builds and installs it",
+                pytrace=False,
+            )
+        pytest.skip(
+            "llama-cpp-python is not installed: `make llamacpp` builds it once (about 20 minutes on 2 cores) "
+            "and installs it; bench/llama_cpp_greedy.py runs the greedy check and keeps its output"
+        )
+    return llama_cpp
 
 
 def gguf_fields(path: Path) -> dict:

@@ -7,15 +7,16 @@ trained ones; bench/gguf_quality.py measures the embedded default model).
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import shutil
 import tracemalloc
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import CORPUS, ZH, make_tiny_model
-from gguf_helpers import extend_sp, gguf_fields, gguf_model, gguf_tokenizer, train_sp
+from extended_vocab import extend, made_up_chinese
+from gguf_helpers import extend_sp, gguf_fields, gguf_model, gguf_tokenizer, llama_cpp, train_sp
 
 from zhtune.cli import main as zhtune
 from zhtune.errors import ConfigError
@@ -236,28 +237,63 @@ def test_merge_straight_to_gguf(tmp_path, tiny_llama_sp):
     assert "merged" in meta
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None,
-    reason="llama-cpp-python is not installed (pip install 'zhtune[llamacpp]' compiles llama.cpp)",
-)
-@pytest.mark.parametrize("kind", ["sp", "bpe", "bpe_zh"])
-def test_llama_cpp_reads_the_exports(tmp_path, kind, tiny_llama_sp, tiny_llama_bpe, bpe_tokenizer_dir):
+def sharpen_attention(model_dir: Path, factor: float = 8.0) -> Path:
+    """Scale Q and K so attention is far from uniform. At the init's scale a tiny model attends almost evenly,
+    so a Q/K layout that a reader undoes wrongly hardly shows: with the rotary permutation left out, llama.cpp's
+    f16 logits moved by 1.8e-3 of their range, under the 2e-3 bound; sharpened, by 0.13 (f16 itself: 4e-4)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(factor)
+            layer.self_attn.k_proj.weight.mul_(factor)
+    model.save_pretrained(str(model_dir))
+    return model_dir
+
+
+def llama_cpp_model(kind: str, tmp_path: Path, sp_dir: Path, bpe_dir: Path) -> tuple[Path, list[str]]:
+    """A tiny model of one vocabulary kind, and extra texts that use its Chinese tokens.
+
+    sp, bpe: the tiny tokenizers; bpe_zh: whole Chinese words added to the byte-level BPE (user-defined tokens);
+    sp_merged, bpe_merged: a Chinese vocabulary trained and merged in by zhtune vocab train/merge (new pieces
+    with scores into SentencePiece, new vocab entries and merges into byte-level BPE).
+    """
+    from transformers import AutoTokenizer
+
+    if kind in ("sp", "bpe"):
+        tok_dir, extra = sp_dir if kind == "sp" else bpe_dir, []
+    elif kind == "bpe_zh":
+        tok = AutoTokenizer.from_pretrained(str(bpe_dir))
+        tok.add_tokens(["人民日报", "机器学习", "自然语言处理"])
+        tok_dir, extra = tmp_path / "tok", ["人民日报说机器学习和自然语言处理。"]
+        tok.save_pretrained(str(tok_dir))
+    else:
+        (tmp_path / "ext").mkdir()
+        tok_dir = extend(sp_dir if kind == "sp_merged" else bpe_dir, tmp_path / "ext")
+        extra = (
+            made_up_chinese(tmp_path / "zh_texts.txt", n=3, seed=7).read_text(encoding="utf-8").splitlines()
+        )
+    model = sharpen_attention(make_tiny_model(tok_dir, tmp_path / kind, tie=kind.startswith("bpe")))
+    if kind == "sp_merged" and not (model / "tokenizer.model").is_file():
+        shutil.copy(
+            tok_dir / "tokenizer.model", model / "tokenizer.model"
+        )  # the merged pieces, as merge wrote them
+    return model, extra
+
+
+@pytest.mark.parametrize("kind", ["sp", "bpe", "bpe_zh", "sp_merged", "bpe_merged"])
+def test_llama_cpp_reads_the_exports(tmp_path, kind, sp_tokenizer_dir, bpe_tokenizer_dir):
     """A real llama.cpp tokenizes like the HF tokenizer and computes the same logits (within the same bounds)."""
     import numpy as np
-    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if kind == "bpe_zh":  # byte-level BPE extended with whole Chinese words (user-defined tokens)
-        tok = AutoTokenizer.from_pretrained(str(bpe_tokenizer_dir))
-        tok.add_tokens(["人民日报", "机器学习", "自然语言处理"])
-        tok.save_pretrained(str(tmp_path / "tok"))
-        model = make_tiny_model(tmp_path / "tok", tmp_path / "bpe_zh", tie=True)
-    else:
-        model = tiny_llama_sp if kind == "sp" else tiny_llama_bpe
+    Llama = llama_cpp().Llama
+    model, extra = llama_cpp_model(kind, tmp_path, sp_tokenizer_dir, bpe_tokenizer_dir)
     tok = AutoTokenizer.from_pretrained(str(model))
     hf = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
-    texts = CORPUS[::7] + TEXTS + ["人民日报说机器学习和自然语言处理。"]
-    ids = tok(ZH[0] + ZH[5])["input_ids"]
+    texts = CORPUS[::7] + TEXTS + extra
+    ids = tok(ZH[0] + ZH[5] + "".join(extra[:1]))["input_ids"]
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].numpy()
     for quant in ("f16", "q8_0", "q4_0"):
@@ -273,3 +309,18 @@ def test_llama_cpp_reads_the_exports(tmp_path, kind, tiny_llama_sp, tiny_llama_b
         rel = float(np.abs(got - ref).max() / np.abs(ref).max())
         assert rel < BOUNDS[quant], (quant, rel)
         llm.close()
+
+
+def test_export_verify_with_an_adapter(tmp_path, tiny_llama_bpe, capsys):
+    """zhtune export --verify (base + adapter): llama.cpp tokenizes the chat prompt and answers greedily as zhtune.
+
+    Along this model's greedy reply the top two logits are at least 6.6e-3 of the logit range apart and f16 moves
+    logits by at most 1e-3 of it, so the replies agree by a margin (a sharpened model has near-ties here)."""
+    from lora_helpers import make_adapter
+
+    llama_cpp()
+    ad = make_adapter(tiny_llama_bpe, tmp_path / "a", seed=1, targets=["q_proj", "k_proj", "v_proj"])
+    export(tiny_llama_bpe, tmp_path / "gguf", "f16", "--lora_model", str(ad), "--verify")  # exit code 0: same
+    out = capsys.readouterr().out
+    assert (tmp_path / "gguf" / "a-f16.gguf").is_file()  # named after the last adapter
+    assert "llama.cpp   same greedy reply (24 tokens agree)" in out, out

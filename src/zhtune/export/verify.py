@@ -19,14 +19,15 @@ DEFAULT_PROMPT = "请用一句话介绍北京。"
 
 def zhtune_greedy(margs: Any, lora_models: list[str], prompt: str, n: int) -> dict[str, Any]:
     """Prompt ids and greedy continuation (up to the first stop token) from zhtune's chat engine."""
-    from zhtune.infer.engine import Engine
+    from zhtune.infer.engine import Engine, EngineArgs
 
-    eng = Engine.load(margs, lora_models)
+    eng = Engine.load(margs, EngineArgs(lora_models=list(lora_models) or None))
     ids = eng.prompt_ids([{"role": "user", "content": prompt}])
+    device = eng.model.device
     with torch.no_grad():
         out = eng.model.generate(
-            torch.tensor([ids], device=eng.device),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=eng.device),
+            torch.tensor([ids], device=device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
             max_new_tokens=n,
             do_sample=False,
             eos_token_id=eng.stop_ids,
