@@ -198,9 +198,9 @@ def test_queue_bound_and_disconnect_cancel(served):
     assert after["in_flight"] == 0
     assert after["cancelled"] - before["cancelled"] == 3 and after["rejected"] - before["rejected"] == 1
     deadline = time.time() + 5
-    while app.state.server.engine.backend.pending() and time.time() < deadline:
+    while app.state.server.engine.pending() and time.time() < deadline:
         time.sleep(0.05)
-    assert app.state.server.engine.backend.pending() == 0  # the batch slots were given back
+    assert app.state.server.engine.pending() == 0  # the batch slots were given back
 
 
 def test_page_health_and_schema(served):
