@@ -151,6 +151,11 @@ def test_errors_are_openai_shaped(served, client):
     assert e.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError, match="last message must be from the user"):
         client.chat.completions.create(model="tiny", messages=msgs + [{"role": "assistant", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as e:  # the record check's ValueError, named by its field
+        client.chat.completions.create(model="tiny", messages=msgs + msgs)
+    assert e.value.body["param"] == "messages" and e.value.body["message"].startswith(
+        "messages: out-of-order"
+    )
     with pytest.raises(openai.BadRequestError, match="--backend generate"):
         client.chat.completions.create(model="tiny", messages=msgs, extra_body={"num_beams": 2})
     big = {"model": "tiny", "messages": [{"role": "user", "content": "长" * 20000}]}
