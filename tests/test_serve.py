@@ -276,3 +276,13 @@ def test_cli_serves_on_loopback_and_logs_no_prompts_or_keys(tmp_path, looping_mo
     assert f"Uvicorn running on http://127.0.0.1:{port}" in text
     assert "POST /v1/chat/completions" in text  # the access log is there...
     assert secret not in text and "sk-cli-secret-42" not in text  # ...but no prompt and no key
+
+
+def test_sse_events_survive_a_splitlines_reader():
+    """U+0085, U+2028 and U+2029 end a line for str.splitlines (and httpx's iter_lines) but are left raw by JSON:
+    the server escapes them, so each event stays one line whatever text a model samples."""
+    from zhtune.serve.runner import sse
+
+    obj = {"choices": [{"delta": {"content": "甲\x85乙\u2028丙\u2029丁\n"}}]}
+    lines = sse(obj).splitlines()
+    assert lines[1:] == [""] and json.loads(lines[0].removeprefix("data: ")) == obj

@@ -30,8 +30,14 @@ from zhtune.serve.validate import failed
 DISCONNECT_POLL_S = 0.5  # how often a request without streaming checks that its client is still there
 
 
+# characters that str.splitlines() ends a line at but JSON leaves raw: escaped, so that a client reading the
+# stream with a splitlines-style reader (httpx's iter_lines) still gets whole events (SSE itself ends lines at
+# CR and LF only, which JSON always escapes)
+LINE_BREAKS = {ord("\x85"): "\\u0085", ord("\u2028"): "\\u2028", ord("\u2029"): "\\u2029"}
+
+
 def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(LINE_BREAKS)}\n\n"
 
 
 def finish_of(job: Job) -> str:
