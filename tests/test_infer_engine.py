@@ -137,9 +137,9 @@ def test_cancel_frees_the_request(looping_model, backend):
         r = nxt.run()
         assert (r.finish_reason, len(r.text)) == ("length", 5)
         deadline = time.time() + 5
-        while engine.backend.pending() and time.time() < deadline:
+        while engine.pending() and time.time() < deadline:
             time.sleep(0.05)
-        assert engine.backend.pending() == 0
+        assert engine.pending() == 0
     finally:
         engine.close()
 

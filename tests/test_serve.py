@@ -151,6 +151,11 @@ def test_errors_are_openai_shaped(served, client):
     assert e.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError, match="last message must be from the user"):
         client.chat.completions.create(model="tiny", messages=msgs + [{"role": "assistant", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as e:  # the record check's ValueError, named by its field
+        client.chat.completions.create(model="tiny", messages=msgs + msgs)
+    assert e.value.body["param"] == "messages" and e.value.body["message"].startswith(
+        "messages: out-of-order"
+    )
     with pytest.raises(openai.BadRequestError, match="--backend generate"):
         client.chat.completions.create(model="tiny", messages=msgs, extra_body={"num_beams": 2})
     big = {"model": "tiny", "messages": [{"role": "user", "content": "长" * 20000}]}
@@ -198,9 +203,9 @@ def test_queue_bound_and_disconnect_cancel(served):
     assert after["in_flight"] == 0
     assert after["cancelled"] - before["cancelled"] == 3 and after["rejected"] - before["rejected"] == 1
     deadline = time.time() + 5
-    while app.state.server.engine.backend.pending() and time.time() < deadline:
+    while app.state.server.engine.pending() and time.time() < deadline:
         time.sleep(0.05)
-    assert app.state.server.engine.backend.pending() == 0  # the batch slots were given back
+    assert app.state.server.engine.pending() == 0  # the batch slots were given back
 
 
 def test_page_health_and_schema(served):
@@ -271,3 +276,13 @@ def test_cli_serves_on_loopback_and_logs_no_prompts_or_keys(tmp_path, looping_mo
     assert f"Uvicorn running on http://127.0.0.1:{port}" in text
     assert "POST /v1/chat/completions" in text  # the access log is there...
     assert secret not in text and "sk-cli-secret-42" not in text  # ...but no prompt and no key
+
+
+def test_sse_events_survive_a_splitlines_reader():
+    """U+0085, U+2028 and U+2029 end a line for str.splitlines (and httpx's iter_lines) but are left raw by JSON:
+    the server escapes them, so each event stays one line whatever text a model samples."""
+    from zhtune.serve.runner import sse
+
+    obj = {"choices": [{"delta": {"content": "甲\x85乙\u2028丙\u2029丁\n"}}]}
+    lines = sse(obj).splitlines()
+    assert lines[1:] == [""] and json.loads(lines[0].removeprefix("data: ")) == obj

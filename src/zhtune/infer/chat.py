@@ -8,8 +8,8 @@ at the prompt it clears the line, and Ctrl-D (or ``exit``) quits.
 
 from __future__ import annotations
 
-import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ from zhtune.config.args import GenerationArgs, ModelArgs
 from zhtune.config.parse import Config, build, field, parse_cli
 from zhtune.errors import ConfigError
 from zhtune.infer.engine import EngineArgs
+from zhtune.infer.terminal import CtrlC, Terminal
 
 HELP = (
     "zhtune chat: 'clear' resets, 'history', 'system <text>', 'stream' toggles, 'exit' quits; "
@@ -40,17 +41,18 @@ class ChatArgs:
 SECTIONS = {"model": ModelArgs, "engine": EngineArgs, "chat": ChatArgs, "generation": GenerationArgs}
 
 
-def read_user(prompt: str = "用户> ") -> str | None:
-    """Read one user message; supports '\\' continuation and \"\"\" blocks. None at end of input."""
+def read_user(read: Callable[[str], str] = input, prompt: str = "用户> ") -> str | None:
+    """Read one user message with ``read`` (``input`` or a :class:`Terminal`); supports '\\' continuation and
+    \"\"\" blocks. None at end of input."""
     try:
-        line = input(prompt)
+        line = read(prompt)
     except EOFError:
         return None
     if line.strip() == '"""':
         lines = []
         while True:
             try:
-                nxt = input()
+                nxt = read("")
             except EOFError:
                 break
             if nxt.strip() == '"""':
@@ -61,7 +63,7 @@ def read_user(prompt: str = "用户> ") -> str | None:
     while line.endswith("\\"):
         parts.append(line[:-1])
         try:
-            line = input("... ")
+            line = read("... ")
         except EOFError:
             line = ""
             break
@@ -70,19 +72,21 @@ def read_user(prompt: str = "用户> ") -> str | None:
 
 
 def respond(
-    engine: Any, messages: list[dict[str, str]], g: GenerationArgs, with_prompt: bool, stream: bool
+    engine: Any,
+    messages: list[dict[str, str]],
+    g: GenerationArgs,
+    with_prompt: bool,
+    stream: bool,
+    ctrl_c: CtrlC,
 ) -> str:
-    """Generate one reply, printing it; Ctrl-C ends the reply early and keeps what was said."""
+    """Generate one reply, printing it and then how it ended; call inside ``ctrl_c.reply()``, where Ctrl-C
+    ends the reply early (marked ``[stopped]``) and keeps what was said."""
     job, pieces = engine.stream(messages, g, with_template=with_prompt)
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, lambda signum, frame: job.request_cancel())
-    try:
-        for piece in pieces:
-            if stream:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    ctrl_c.watch(job)
+    for piece in pieces:
+        if stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     text = job.text()
     if not stream:
         sys.stdout.write(text)
@@ -97,54 +101,72 @@ def respond(
     return text
 
 
-def interactive(engine: Any, c: ChatArgs, g: GenerationArgs) -> int:
-    print(HELP, flush=True)
-    history: list[dict[str, str]] = []
-    system = c.system_prompt
-    stream = c.stream
-    while True:
-        try:
-            text = read_user()
-        except KeyboardInterrupt:
-            print(flush=True)
-            continue
+class Session:
+    """An interactive conversation: its history, system prompt and streaming switch."""
+
+    def __init__(self, engine: Any, c: ChatArgs, g: GenerationArgs, read: Callable[[str], str]):
+        self.engine, self.c, self.g, self.read = engine, c, g, read
+        self.history: list[dict[str, str]] = []
+        self.system = c.system_prompt
+        self.stream = c.stream
+
+    def turn(self, ctrl_c: CtrlC) -> bool:
+        """Read one input and act on it; False when the session ends."""
+        text = read_user(self.read)
         if text is None:
             print()
-            return 0
+            return False
         cmd = text.strip()
-        if not cmd:
-            continue
         if cmd in ("exit", "quit"):
-            return 0
+            return False
+        if cmd and not self.command(cmd):
+            with ctrl_c.reply():
+                sys.stdout.write("助手> ")
+                sys.stdout.flush()
+                msgs = [{"role": "system", "content": self.system}] if self.system else []
+                msgs += [*self.history, {"role": "user", "content": text}]
+                reply = respond(self.engine, msgs, self.g, self.c.with_prompt, self.stream, ctrl_c)
+                self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        return True
+
+    def command(self, cmd: str) -> bool:
+        """Run ``cmd`` if it is a session command; False if it is a message for the model."""
         if cmd == "clear":
-            history = []
+            self.history = []
             print("(history cleared)", flush=True)
-            continue
-        if cmd == "stream":
-            stream = not stream
-            print(f"(streaming {'on' if stream else 'off'})", flush=True)
-            continue
-        if cmd == "history":
-            if system:
-                print(f"system: {system}")
-            for h in history:
+        elif cmd == "stream":
+            self.stream = not self.stream
+            print(f"(streaming {'on' if self.stream else 'off'})", flush=True)
+        elif cmd == "history":
+            if self.system:
+                print(f"system: {self.system}")
+            for h in self.history:
                 print(f"{h['role']}: {h['content']}")
-            print(f"({len(history) // 2} turns)", flush=True)
-            continue
-        if cmd == "system" or cmd.startswith("system "):
-            system = cmd[len("system") :].strip() or None
-            history = []
-            print(f"(system prompt {'set' if system else 'removed'}; history cleared)", flush=True)
-            continue
-        msgs = (
-            ([{"role": "system", "content": system}] if system else [])
-            + history
-            + [{"role": "user", "content": text}]
-        )
-        sys.stdout.write("助手> ")
-        sys.stdout.flush()
-        reply = respond(engine, msgs, g, c.with_prompt, stream)
-        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+            print(f"({len(self.history) // 2} turns)", flush=True)
+        elif cmd == "system" or cmd.startswith("system "):
+            self.system = cmd[len("system") :].strip() or None
+            self.history = []
+            print(f"(system prompt {'set' if self.system else 'removed'}; history cleared)", flush=True)
+        else:
+            return False
+        return True
+
+
+def interactive(engine: Any, c: ChatArgs, g: GenerationArgs) -> int:
+    print(HELP, flush=True)
+    terminal = Terminal.open()
+    session = Session(engine, c, g, terminal or input)
+    try:
+        with CtrlC().installed() as ctrl_c:
+            while True:
+                try:
+                    if not session.turn(ctrl_c):
+                        return 0
+                except KeyboardInterrupt:  # at the prompt, or between turns: a fresh line
+                    print(flush=True)
+    finally:
+        if terminal is not None:
+            terminal.close()
 
 
 def main(cfg: Config | dict[str, Any]) -> int:
@@ -166,7 +188,8 @@ def main(cfg: Config | dict[str, Any]) -> int:
         msgs = ([{"role": "system", "content": c.system_prompt}] if c.system_prompt else []) + [
             {"role": "user", "content": text.strip()}
         ]
-        respond(engine, msgs, g, c.with_prompt, c.stream)
+        with CtrlC().installed() as ctrl_c, ctrl_c.reply():
+            respond(engine, msgs, g, c.with_prompt, c.stream, ctrl_c)
         return 0
     finally:
         engine.close()

@@ -9,6 +9,11 @@ tokenizer's eos, or a caller's stop strings.
 Backends (see :mod:`zhtune.infer.backends`): ``generate`` (transformers ``generate``, one request or one
 padded batch at a time) and ``continuous`` (transformers continuous batching). ``auto`` means continuous
 batching for the server and for ``zhtune generate`` when the settings allow it, ``generate`` for chat.
+
+Front ends use only the engine's public surface, never the backend, model or tokenizer behind it: token ids
+(``prompt_ids``, ``text_ids``, ``decode``, ``vocab_size``), limits (``context_length``, ``max_new_tokens``,
+``max_batch_size``, ``unsupported``), work (``job``, ``submit``; a job is cancelled with ``Job.cancel``) and
+state (``backend_name``, ``pending``). Another backend (vLLM, say) stands behind the same surface.
 """
 
 from __future__ import annotations
@@ -150,6 +155,34 @@ class Engine:
             )
         return asked
 
+    # ---- what a front end (the server) reads; no backend internals, so another backend can stand behind it ----
+    @property
+    def backend_name(self) -> str | None:
+        """The running backend (``generate``, ``continuous``, ``static``), None before :meth:`start`."""
+        return None if self.backend is None else self.backend.name
+
+    @property
+    def max_batch_size(self) -> int:
+        """Most requests decoded together."""
+        return self.args.max_batch_size
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold lie in ``[0, vocab_size)``."""
+        return self.model.get_input_embeddings().num_embeddings
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids, as the tokenizer writes it."""
+        return self.tok.decode(list(ids))
+
+    def unsupported(self, g: GenerationArgs) -> str | None:
+        """Why the running backend cannot honour ``g`` (what to do instead), or None."""
+        return None if self.backend is None else self.backend.unsupported(g)
+
+    def pending(self) -> int:
+        """Jobs submitted and not yet finished (running or waiting)."""
+        return 0 if self.backend is None else self.backend.pending()
+
     # ---- running ----
     def start(self, kind: str) -> Any:
         """Create the backend (once)."""
@@ -211,7 +244,7 @@ class Engine:
     def submit(self, job: Job) -> Job:
         if self.backend is None:
             self.start("generate")
-        reason = self.backend.unsupported(job.params)
+        reason = self.unsupported(job.params)
         if reason:
             raise ConfigError(reason)
         self.backend.submit(job)

@@ -137,41 +137,88 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_response(
-    rid: str, model: str, text: str, finish: str, prompt: int, completion: int
-) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-        ],
-        "usage": usage(prompt, completion),
-    }
+class ChatShape:
+    """The bodies of one chat completion: a ``chat.completion``, or the ``chat.completion.chunk`` events."""
+
+    def __init__(self, model: str):
+        self.id, self.model, self.created = new_id("chatcmpl"), model, int(time.time())
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+
+    def opening(self) -> list[dict[str, Any]]:
+        """Events before the first token: the assistant's role."""
+        return [self.chunk({"role": "assistant", "content": ""})]
+
+    def delta(self, index: int, piece: str) -> dict[str, Any]:
+        return self.chunk({"content": piece})
+
+    def finish(self, index: int, reason: str) -> dict[str, Any]:
+        return self.chunk({}, reason)
+
+    def usage(self, prompt: int, completion: int) -> dict[str, Any]:
+        """The last event when the client asked for ``stream_options.include_usage``: no choices, the usage."""
+        end = self.chunk({})
+        end["choices"], end["usage"] = [], usage(prompt, completion)
+        return end
+
+    def body(self, texts: list[str], finishes: list[str], prompt: int, completion: int) -> dict[str, Any]:
+        """The whole reply, without streaming."""
+        message = {"role": "assistant", "content": texts[0]}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finishes[0]}],
+            "usage": usage(prompt, completion),
+        }
 
 
-def chat_chunk(
-    rid: str, model: str, created: int, delta: dict[str, Any], finish: str | None = None
-) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }
+class CompletionShape:
+    """The bodies of a text completion (one choice per prompt); ``echo``: the prompts' text, to repeat first."""
+
+    def __init__(self, model: str, echo: list[str] | None = None):
+        self.id, self.model, self.created = new_id("cmpl"), model, int(time.time())
+        self.echo = echo
+
+    def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    @staticmethod
+    def choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def opening(self) -> list[dict[str, Any]]:
+        """Events before the first token: the echoed prompts."""
+        return [self.chunk([self.choice(i, t, None)]) for i, t in enumerate(self.echo or [])]
+
+    def delta(self, index: int, piece: str) -> dict[str, Any]:
+        return self.chunk([self.choice(index, piece, None)])
+
+    def finish(self, index: int, reason: str) -> dict[str, Any]:
+        return self.chunk([self.choice(index, "", reason)])
+
+    def usage(self, prompt: int, completion: int) -> dict[str, Any]:
+        return {**self.chunk([]), "usage": usage(prompt, completion)}
+
+    def body(self, texts: list[str], finishes: list[str], prompt: int, completion: int) -> dict[str, Any]:
+        echo = self.echo or [""] * len(texts)
+        choices = [self.choice(i, echo[i] + t, f) for i, (t, f) in enumerate(zip(texts, finishes))]
+        return {**self.chunk(choices), "usage": usage(prompt, completion)}
 
 
-def completion_choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-
-
-def completion_body(rid: str, model: str, created: int, choices: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+Shape = ChatShape | CompletionShape

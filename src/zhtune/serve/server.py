@@ -86,8 +86,9 @@ def is_loopback(host: str) -> bool:
 def build_app(cfg: Config | dict[str, Any]) -> tuple[Any, Any]:
     """Load the engine and make the app (without running it). Returns (app, engine)."""
     from zhtune.infer.engine import Engine
-    from zhtune.serve.app import Server, create_app
+    from zhtune.serve.app import create_app
     from zhtune.serve.asgi import BodyLimit
+    from zhtune.serve.state import Server
 
     if not isinstance(cfg, Config):
         cfg = build(SECTIONS, cfg)
