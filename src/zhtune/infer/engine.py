@@ -19,7 +19,9 @@ state (``backend_name``, ``pending``). Another backend (vLLM, say) stands behind
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,17 @@ class EngineArgs:
             raise ConfigError(f"--kv_cache_tokens {self.kv_cache_tokens} is too small; use at least 64")
 
 
+# engines whose backend thread runs: closed at interpreter exit, so no generation thread is still inside
+# torch while the interpreter tears down (a C++ "terminate called without an active exception", status 134)
+_RUNNING: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_running() -> None:
+    for engine in list(_RUNNING):
+        engine.close()
+
+
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, fmt: ChatFormat, args: EngineArgs | None = None):
         self.model = model.eval()
@@ -87,6 +100,7 @@ class Engine:
             ids.append(tokenizer.eos_token_id)
         self.stop_ids = sorted(set(ids))
         self.backend: Any = None
+        self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # submitted, for close() to cancel
 
     @classmethod
     def load(cls, margs: ModelArgs, eargs: EngineArgs | None = None) -> Engine:
@@ -218,6 +232,7 @@ class Engine:
         else:
             raise ConfigError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
         log.info("backend: %s", kind)
+        _RUNNING.add(self)
         return self.backend
 
     def job(
@@ -247,6 +262,7 @@ class Engine:
         reason = self.unsupported(job.params)
         if reason:
             raise ConfigError(reason)
+        self._jobs.add(job)
         self.backend.submit(job)
         return job
 
@@ -267,6 +283,10 @@ class Engine:
         return job.reply()
 
     def close(self) -> None:
+        """Cancel what is still generating (it stops at its next token) and stop the backend's thread."""
+        for job in list(self._jobs):
+            job.cancel()
+        _RUNNING.discard(self)
         if self.backend is not None:
             self.backend.close()
             self.backend = None
