@@ -121,6 +121,34 @@ def test_a_reply_ending_inside_a_character_never_shows_u_fffd(request, name):
     assert "".join(pieces) == tok.decode(whole) and "".join(pieces).strip() == "北京好"
 
 
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_a_finished_character_before_an_unfinished_one_is_kept_however_the_tokens_arrive(request, name):
+    """SentencePiece's byte fallback decodes an invalid run of byte tokens as U+FFFD for every byte, so
+    E5 A5 A5 E5 (奥 and a lead byte) decodes as four U+FFFD; a consumer that received those tokens in one
+    step (it lagged behind the backend) once lost 奥 with the unfinished character."""
+    tok = tokenizer(request, name)
+    e5, a5 = byte_id(tok, 0xE5), byte_id(tok, 0xA5)
+    head = tok("北京", add_special_tokens=False)["input_ids"]
+    for tail, want in (
+        ([e5, a5, a5, e5], "北京奥"),
+        ([e5, a5, a5, e5, a5], "北京奥"),
+        ([e5, a5, a5], "北京奥"),
+    ):
+        ids = head + tail
+        assert tok.decode(head + [e5, a5, a5]).strip() == "北京奥"
+        for cuts in range(2 ** (len(ids) - 1)):  # every split of the tokens into the steps that receive them
+            d, pieces, start = Detokenizer(tok), [], 0
+            for k in range(1, len(ids) + 1):
+                if k == len(ids) or cuts >> (k - 1) & 1:
+                    pieces.append(d.push(ids[start:k], final=k == len(ids)))
+                    start = k
+            assert "".join(pieces).strip() == want and d.text.strip() == want, (tail, cuts, pieces)
+            assert not any("\ufffd" in p for p in pieces)
+        job = Job([1], GenerationArgs(), max_new_tokens=len(ids), tokenizer=tok)
+        job.set_tokens(ids, finished=True)  # the consumer reads only after the backend finished
+        assert job.run().text.strip() == want and job.finish_reason == "length"
+
+
 def forced_model(tok_dir, out, prefer: list[int]):
     """A model whose logits are the same after any prompt: ``prefer`` in order, every other token 0."""
     from transformers import AutoTokenizer, LlamaForCausalLM

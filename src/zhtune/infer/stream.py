@@ -37,16 +37,35 @@ class Detokenizer:
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
+    def _whole(self) -> str:
+        """The text of ``ids[prefix:]`` less the unfinished character at its end (the reply is over).
+
+        Decoders write that character differently: byte-level BPE as one U+FFFD per unfinished sequence,
+        SentencePiece's byte fallback as one U+FFFD per byte of the whole run of byte tokens it ends, so a
+        finished character in the same run (E5 A5 A5 E5: 奥 and a lead byte) is lost with it. The text of the
+        tokens before the unfinished ones keeps that character; the text less its U+FFFD keeps the finished
+        bytes of a merged token that ends in a lead byte. The longer of the two is the reply.
+        """
+        text = self._decode(self.ids[self.prefix :])
+        if not text.endswith("\ufffd"):
+            return text
+        best = text.rstrip("\ufffd")
+        # an unfinished character has at most 3 bytes, so it started within the last 3 tokens
+        for end in range(len(self.ids) - 1, max(self.read, len(self.ids) - 3) - 1, -1):
+            shorter = self._decode(self.ids[self.prefix : end])
+            if not shorter.endswith("\ufffd"):
+                return shorter if len(shorter) > len(best) else best
+        return best
+
     def push(self, ids: Sequence[int], final: bool = False) -> str:
         self.ids.extend(ids)
         if self.read == len(self.ids):
             return ""
         before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
+        # final: what is still held is an unfinished character, and it never will be finished
+        after = self._whole() if final else self._decode(self.ids[self.prefix :])
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
             piece = after[len(before) :]
-            if final:  # what is still held is an unfinished character: it never will be
-                piece = piece.rstrip("\ufffd")
             self.prefix, self.read = self.read, len(self.ids)
             self.text += piece
             return piece
