@@ -214,9 +214,9 @@ def greedy_replies(
 
 
 def _generated(
-    opts: TaskOptions, prompts: list[list[Message]], refs: list[str], got: Replies
+    opts: TaskOptions, prompts: list[list[Message]], refs: list[str], gen: Replies
 ) -> dict[str, Any]:
-    replies = got.texts
+    replies = gen.texts
     correct = [
         match("exact" if opts.metric == "f1" else opts.metric, r, ref) for r, ref in zip(replies, refs)
     ]
@@ -234,6 +234,6 @@ def _generated(
         p = tp / (tp + fp) if tp + fp else 0.0
         rc = tp / (tp + fn) if tp + fn else 0.0
         out.update(f1=2 * p * rc / (p + rc) if p + rc else 0.0, precision=p, recall=rc)
-    out.update(generation_speed(replies, got.tokens, got.seconds))
+    out.update(generation_speed(replies, gen.tokens, gen.seconds))
     out["examples_wrong"] = wrong[:5]
     return out
