@@ -339,6 +339,34 @@ def test_resized_vocabulary_adapter_is_merged_once(tmp_path, tiny, bpe_tokenizer
     assert again.served.path == str(served) and "reusing the merged copy" in caplog.text
 
 
+def test_eval_greedy_replies_through_vllm(tmp_path, tiny):
+    """zhtune eval --backend vllm: the same replies, so the same scores, as with transformers generate."""
+    import json
+
+    from zhtune.eval.cli import main
+
+    chats = CHATS[:3]
+    want = [j.reply().text for j in reference(tiny, chats, GenerationArgs(max_new_tokens=8, **GREEDY))]
+    answers = [want[0], want[1], "不是这个回答"]
+    task = tmp_path / "task.jsonl"
+    task.write_text(
+        "".join(
+            json.dumps({"messages": [*c, {"role": "assistant", "content": a}]}, ensure_ascii=False) + "\n"
+            for c, a in zip(chats, answers)
+        ),
+        encoding="utf-8",
+    )
+    opts = {"model_name_or_path": str(tiny), "dtype": "float32", "task_file": str(task)}
+    opts.update(task_metric="exact", max_new_tokens=8)
+    got = {}
+    for backend in ("vllm", "generate"):
+        (results,) = main({**opts, "backend": backend})["results"].values()
+        got[backend] = results["task"]
+    assert got["vllm"] == got["generate"]
+    assert got["vllm"]["accuracy"] == pytest.approx(2 / 3)
+    assert got["vllm"]["examples_wrong"][0]["reply"] == want[2]
+
+
 @pytest.mark.slow
 def test_zhtune_serve_vllm_on_the_default_model(tmp_path):
     """The real command on the embedded default model; greedy replies as transformers gives them."""

@@ -91,13 +91,15 @@ def _with_system(msgs: list[Message], system: str | None) -> list[Message]:
     return msgs
 
 
-def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions) -> dict[str, Any]:
+def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions, engine: Any = None) -> dict[str, Any]:
+    """Score one task file. ``engine``: a started engine for the greedy replies (default: transformers
+    generate on ``model``)."""
     items = read_items(opts.file, opts.max_samples)
     prompts = [_with_system(m, opts.system_prompt) for _, m, _ in items]
     refs = [r for _, _, r in items]
     if opts.metric == "labels":
         return _labels(model, tok, fmt, opts, items, prompts, refs)
-    return _generated(model, tok, fmt, opts, prompts, refs)
+    return _generated(model, tok, fmt, opts, prompts, refs, engine)
 
 
 def _labels(model, tok, fmt, opts, items, prompts, refs) -> dict[str, Any]:  # noqa: ANN001
@@ -130,15 +132,17 @@ def _labels(model, tok, fmt, opts, items, prompts, refs) -> dict[str, Any]:  # n
     }
 
 
-def _generated(model, tok, fmt, opts, prompts, refs) -> dict[str, Any]:  # noqa: ANN001
+def _generated(model, tok, fmt, opts, prompts, refs, engine) -> dict[str, Any]:  # noqa: ANN001
     from tqdm import tqdm
 
     from zhtune.config.args import GenerationArgs
     from zhtune.infer.engine import Engine, EngineArgs
 
-    engine = Engine(model, tok, fmt, EngineArgs(max_batch_size=opts.batch_size))
+    own = engine is None
+    if own:
+        engine = Engine(model, tok, fmt, EngineArgs(max_batch_size=opts.batch_size))
+        engine.start("generate")  # greedy replies, prompts with the same settings in padded batches
     g = GenerationArgs(max_new_tokens=opts.max_new_tokens, temperature=0.0, repetition_penalty=1.0)
-    engine.start("generate")  # greedy replies, prompts with the same settings in padded batches
     try:
         jobs = []
         for p in prompts:
@@ -151,7 +155,8 @@ def _generated(model, tok, fmt, opts, prompts, refs) -> dict[str, Any]:  # noqa:
                 pass
             replies.append(job.reply().text.strip())
     finally:
-        engine.close()
+        if own:
+            engine.close()
     correct = [
         match("exact" if opts.metric == "f1" else opts.metric, r, ref) for r, ref in zip(replies, refs)
     ]

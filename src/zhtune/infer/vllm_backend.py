@@ -139,7 +139,14 @@ class VllmBackend:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="zhtune-vllm", daemon=True)
         self._thread.start()
-        log.info("starting vLLM (%s, KV cache for %d tokens)", model.path, self.capacity_tokens)
+        log.info(
+            "starting vLLM on %s: context %d tokens, KV cache %s",
+            model.path,
+            self.capacity_tokens,
+            f"{kw['kv_cache_memory_bytes'] / 2**20:.0f} MiB"
+            if "kv_cache_memory_bytes" in kw
+            else "vLLM's choice",
+        )
         try:
             self.engine = self._call(self._create(AsyncEngineArgs(**kw)))
         except BaseException:
