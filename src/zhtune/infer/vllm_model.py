@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from zhtune.config.args import ModelArgs
-from zhtune.errors import ConfigError
+from zhtune.deps import available, install_hint
+from zhtune.errors import ConfigError, MissingDependency
 
 log = logging.getLogger(__name__)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's max_lora_rank choices
@@ -158,6 +159,10 @@ def prepare(margs: ModelArgs, src: Any, tok: Any, lora: list[str]) -> tuple[Any,
 
     from zhtune.model.loader import pick_device, pick_dtype
 
+    if not available("vllm"):  # before any merge is written for it
+        raise MissingDependency(
+            f"vllm is needed for --backend vllm but is not installed: {install_hint('vllm')}"
+        )
     if margs.load_in_8bit or margs.load_in_4bit:
         raise ConfigError(
             "--load_in_8bit/--load_in_4bit are bitsandbytes options of the transformers backends; vLLM loads "
