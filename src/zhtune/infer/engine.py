@@ -105,26 +105,27 @@ class Engine:
         if tok_dir:
             margs = ModelArgs(**{**margs.__dict__, "tokenizer_name_or_path": tok_dir})
         tok = load_tokenizer(margs, src, padding_side="left")
-        served = None
-        if eargs.backend == "vllm":  # vLLM reads the weights itself
+        if eargs.backend == "vllm":  # vLLM reads the weights itself; the engine keeps a weightless copy
             from zhtune.infer.vllm_model import prepare
 
             model, served = prepare(margs, src, tok, lora)
-        else:
-            model = load_model(margs, src)
-            # a longer tokenizer (an extended vocabulary; the adapter carries its trained rows): resize as training did
-            fit_embeddings(
-                model,
-                tok,
-                model_path=src.path,
-                tokenizer_name=margs.tokenizer_name_or_path,
-                init=margs.new_token_init,
-            )
-            if lora:  # merged for speed, except into a quantized base (that would round the update away)
-                model = apply_adapters(model, lora, merge=not (margs.load_in_8bit or margs.load_in_4bit))
+            fmt = get_format(tok, eargs.template, directory=tok_dir or src.path)
+            log.info("chat template: %s; stops at %s", fmt.name, fmt.stop_strings())
+            return cls(model, tok, fmt, eargs, served=served)
+        model = load_model(margs, src)
+        # a longer tokenizer (an extended vocabulary; the adapter carries its trained rows): resize as training did
+        fit_embeddings(
+            model,
+            tok,
+            model_path=src.path,
+            tokenizer_name=margs.tokenizer_name_or_path,
+            init=margs.new_token_init,
+        )
+        if lora:  # merged for speed, except into a quantized base (that would round the update away)
+            model = apply_adapters(model, lora, merge=not (margs.load_in_8bit or margs.load_in_4bit))
         fmt = get_format(tok, eargs.template, directory=tok_dir or src.path)
         log.info("chat template: %s; stops at %s", fmt.name, fmt.stop_strings())
-        return cls(model, tok, fmt, eargs, served=served)
+        return cls(model, tok, fmt, eargs)
 
     # ---- prompts ----
     @property
