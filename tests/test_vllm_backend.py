@@ -370,6 +370,7 @@ def test_eval_greedy_replies_through_vllm(tmp_path, tiny):
 @pytest.mark.slow
 def test_zhtune_serve_vllm_on_the_default_model(tmp_path):
     """The real command on the embedded default model; greedy replies as transformers gives them."""
+    psutil = pytest.importorskip("psutil")
     chats = [[{"role": "user", "content": q}] for q in ("什么是机器学习？", "List three fruits.", "你好")]
     g = GenerationArgs(max_new_tokens=24, **GREEDY)
     want = [j.reply() for j in reference(Path("default"), chats, g)]
@@ -380,6 +381,7 @@ def test_zhtune_serve_vllm_on_the_default_model(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    children = []
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc, log, timeout=900, poll=1)
@@ -397,6 +399,11 @@ def test_zhtune_serve_vllm_on_the_default_model(tmp_path):
             )
             assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == w.text
         assert "vLLM loads" in log.read_text()
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any(c.name().startswith("VLLM::EngineCore") for c in children), children
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    # SIGTERM ends the server through its shutdown: vLLM's own processes do not outlive it
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"left running: {alive}"

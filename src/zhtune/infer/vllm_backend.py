@@ -15,12 +15,18 @@ Sampling runs in vLLM's sampler: greedy at temperature 0, else temperature, top-
 repetition penalty and a per-request seed. Beam search is refused with a pointer to ``--backend generate``.
 On a CPU the KV cache gets ``--kv_cache_tokens`` (16384 by default, as continuous batching) instead of a
 share of all memory, and the model runs eagerly (no compile at start).
+
+vLLM's engine-core process does not end with ours: only :meth:`VllmBackend.close` ends it. So close() also
+runs at exit, and SIGTERM or SIGHUP (where nothing else handles them) end the process through SystemExit,
+which runs the callers' ``finally`` blocks and the exit hooks, instead of killing it on the spot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import signal
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -99,6 +105,29 @@ def sampling_params(job: Job) -> Any:
     )
 
 
+def _exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def exit_on_signals() -> dict[int, Any]:
+    """SIGTERM and SIGHUP raise SystemExit where they would kill the process; returns what was replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    replaced = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            replaced[sig] = signal.signal(sig, _exit)
+    return replaced
+
+
+def restore_signals(replaced: dict[int, Any]) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, before in replaced.items():
+        if signal.getsignal(sig) is _exit:
+            signal.signal(sig, before)
+
+
 class VllmBackend:
     """vLLM's AsyncLLMEngine on an event loop thread; jobs become its requests."""
 
@@ -139,6 +168,7 @@ class VllmBackend:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="zhtune-vllm", daemon=True)
         self._thread.start()
+        self._signals = exit_on_signals()
         log.info(
             "starting vLLM on %s: context %d tokens, KV cache %s",
             model.path,
@@ -150,8 +180,10 @@ class VllmBackend:
         try:
             self.engine = self._call(self._create(AsyncEngineArgs(**kw)))
         except BaseException:
+            restore_signals(self._signals)
             self._stop_loop()
             raise
+        atexit.register(self.close)
 
     @staticmethod
     async def _create(args: Any) -> Any:
@@ -225,6 +257,8 @@ class VllmBackend:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
+        restore_signals(self._signals)
         with self._lock:
             running, self._running = list(self._running.values()), {}
         for job, fut in running:
