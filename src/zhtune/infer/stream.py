@@ -279,6 +279,11 @@ class Job:
         text = self.detok.text[:end]
         return text.lstrip() if self.strip_leading else text
 
+    def token_ids(self) -> list[int]:
+        """The reply's tokens as consumed so far (an end-of-turn token that ended it included)."""
+        with self._cond:
+            return self._tokens[: self._seen]
+
     def reply(self) -> Reply:
         return Reply(self.text(), len(self.prompt_ids), self._seen, self.finish_reason or "stop", self.error)
 
