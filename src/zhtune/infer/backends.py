@@ -9,6 +9,9 @@
   for those are refused with a message naming the ``generate`` backend.
 
 Both report tokens into :class:`zhtune.infer.stream.Job` objects and stop a job when its consumer cancels.
+``generate`` masks tokens that would break a UTF-8 character (:mod:`zhtune.infer.utf8`); continuous batching
+hands its logits processors only the newest token of each request, so there the detokenizer's holding back
+of an unfinished last character is the only guard.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from zhtune.config.args import GenerationArgs
 from zhtune.infer.stream import Job
+from zhtune.infer.utf8 import Utf8Guard
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class GenerateBackend:
         self.max_batch_size = max_batch_size
         self.static_cache = static_cache
         self.device = next(model.parameters()).device
+        self.guard = Utf8Guard.for_tokenizer(tokenizer, always=stop_ids)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._held: list[Job] = []  # taken from the queue but waiting for a batch with their settings
         self._thread = threading.Thread(target=self._work, name="zhtune-generate", daemon=True)
@@ -121,7 +126,7 @@ class GenerateBackend:
                     job.close(error=f"{type(e).__name__}: {e}")
 
     def _run(self, jobs: list[Job]) -> None:
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
         g: GenerationArgs = jobs[0].params
@@ -167,6 +172,8 @@ class GenerateBackend:
             stopping_criteria=StoppingCriteriaList([Cancelled()]),
             **sampling(g),
         )
+        if self.guard is not None:
+            kw["logits_processor"] = LogitsProcessorList([self.guard])
         if not beams:
             kw["streamer"] = Rows()
         if self.static_cache and self.device.type == "cuda":

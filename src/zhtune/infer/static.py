@@ -8,7 +8,8 @@ therefore seen one step late; the extra step's token is discarded.
 
 Caches are sized in powers of two (at least 256 tokens) to what a request needs, so attention reads only
 that much, and each size compiles once. Sampling (temperature, top-k, top-p, a per-request seed) runs on the
-device after the step; repetition penalty and beam search are left to the ``generate`` backend.
+device after the step, after the UTF-8 guard (:mod:`zhtune.infer.utf8`) has masked the tokens that would
+break a character; repetition penalty and beam search are left to the ``generate`` backend.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from zhtune.config.args import GenerationArgs
 from zhtune.infer.stream import Job
+from zhtune.infer.utf8 import LOOKBACK, Utf8Guard
 
 log = logging.getLogger(__name__)
 MIN_CACHE = 256
@@ -55,6 +57,7 @@ class StaticBackend:
         self.model, self.tok, self.stop_ids = model, tokenizer, set(stop_ids)
         self.context = context
         self.device = next(model.parameters()).device
+        self.guard = Utf8Guard.for_tokenizer(tokenizer, always=stop_ids)
         self.compiled = compile and self.device.type == "cuda"
         self.step = (
             torch.compile(self._forward, mode="reduce-overhead", fullgraph=False, dynamic=False)
@@ -96,6 +99,9 @@ class StaticBackend:
         )
         return out.logits[:, -1, :]
 
+    def _guarded(self, recent: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.guard is None else self.guard(recent, logits)
+
     def _cache(self, need: int) -> Any:
         from transformers import StaticCache
 
@@ -132,7 +138,8 @@ class StaticBackend:
             torch.manual_seed(g.seed)
         ids = torch.tensor([job.prompt_ids], device=self.device)
         logits = self._forward(ids, torch.arange(n, device=self.device)[None], cache)  # prefill, not compiled
-        tok = pick(logits, g)
+        recent = ids[:, -LOOKBACK:]  # the last tokens, for the UTF-8 guard
+        tok = pick(self._guarded(recent, logits), g)
         pos = torch.tensor([[n]], device=self.device)
         on_gpu = self.device.type == "cuda"
         host = torch.empty(1, dtype=torch.long, pin_memory=on_gpu)
@@ -146,7 +153,8 @@ class StaticBackend:
             if not last:  # queue the next step before reading this token back
                 if self.compiled:
                     torch.compiler.cudagraph_mark_step_begin()
-                nxt = pick(self.step(tok.view(1, 1), pos, cache), g)
+                recent = torch.cat([recent, tok.view(1, 1)], dim=1)[:, -LOOKBACK:]
+                nxt = pick(self._guarded(recent, self.step(tok.view(1, 1), pos, cache)), g)
                 pos = pos + 1
             if copied is not None:
                 copied.synchronize()

@@ -21,7 +21,11 @@ PROMPT_CONTEXT = 4  # prompt tokens decoded with the reply, so the first reply t
 
 
 class Detokenizer:
-    """Incremental decoding: a piece is released once it no longer ends in a partial UTF-8 character."""
+    """Incremental decoding: a piece is released once it no longer ends in a partial UTF-8 character.
+
+    A reply that ends inside a character (a stop or the length limit after its first bytes) ends before it:
+    the unfinished bytes are held back, never shown as U+FFFD.
+    """
 
     def __init__(self, tokenizer: Any, context: Sequence[int] = ()):
         self.tok = tokenizer
@@ -41,6 +45,8 @@ class Detokenizer:
         after = self._decode(self.ids[self.prefix :])
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
             piece = after[len(before) :]
+            if final:  # what is still held is an unfinished character: it never will be
+                piece = piece.rstrip("\ufffd")
             self.prefix, self.read = self.read, len(self.ids)
             self.text += piece
             return piece

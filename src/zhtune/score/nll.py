@@ -94,10 +94,11 @@ def autocast_for(model: Any):
     return torch.autocast(device_type=device.type, dtype=half[0])
 
 
-def window_nll(
-    model: Any, items: Sequence[tuple[list[int], int]], batch_size: int = 8, desc: str = "scoring text"
-) -> tuple[float, int]:
-    """Total negative log-likelihood (nats) of the scored tokens of every window, and their number."""
+def _batches(
+    model: Any, items: Sequence[tuple[list[int], int]], batch_size: int, desc: str
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(item indices, float logits [rows, width - 1, vocab], targets [rows, width - 1] with -100 where a token
+    is not scored) for right-padded batches of items, longest first."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
@@ -106,37 +107,60 @@ def window_nll(
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     was_training = model.training
     model.eval()
-    total, count, pos = 0.0, 0, 0
+    pos = 0
     bar = tqdm(total=len(order), desc=desc, leave=False, unit="window")
-    while pos < len(order):
-        width = len(items[order[pos]][0])
-        # keep the float logits of one batch under ~256 MB
-        rows = max(1, min(batch_size, (64 * 2**20) // max(1, width * vocab)))
-        idx = order[pos : pos + rows]
-        x = torch.zeros((len(idx), width), dtype=torch.long)
-        mask = torch.zeros_like(x)
-        target = torch.full_like(x, -100)
-        for r, i in enumerate(idx):
-            ids, first = items[i]
-            x[r, : len(ids)] = torch.tensor(ids)
-            mask[r, : len(ids)] = 1
-            target[r, first : len(ids)] = torch.tensor(ids[first:])
-        kw = (
-            {} if bool(mask.all()) else {"attention_mask": mask.to(device)}
-        )  # a mask only where there is padding
-        with autocast_for(model):
-            logits = model(input_ids=x.to(device), **kw).logits[:, :-1].float()
-        tgt = target[:, 1:].to(device)
+    try:
+        while pos < len(order):
+            width = len(items[order[pos]][0])
+            # keep the float logits of one batch under ~256 MB
+            rows = max(1, min(batch_size, (64 * 2**20) // max(1, width * vocab)))
+            idx = order[pos : pos + rows]
+            x = torch.zeros((len(idx), width), dtype=torch.long)
+            mask = torch.zeros_like(x)
+            target = torch.full_like(x, -100)
+            for r, i in enumerate(idx):
+                ids, first = items[i]
+                x[r, : len(ids)] = torch.tensor(ids)
+                mask[r, : len(ids)] = 1
+                target[r, first : len(ids)] = torch.tensor(ids[first:])
+            kw = (
+                {} if bool(mask.all()) else {"attention_mask": mask.to(device)}
+            )  # a mask only where there is padding
+            with torch.no_grad(), autocast_for(model):
+                logits = model(input_ids=x.to(device), **kw).logits[:, :-1].float()
+            yield idx, logits, target[:, 1:].to(device)
+            pos += len(idx)
+            bar.update(len(idx))
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+
+
+def window_nll(
+    model: Any, items: Sequence[tuple[list[int], int]], batch_size: int = 8, desc: str = "scoring text"
+) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) of the scored tokens of every window, and their number."""
+    total, count = 0.0, 0
+    for _, logits, tgt in _batches(model, items, batch_size, desc):
         total += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum"
         ).item()
         count += int((tgt != -100).sum())
-        pos += len(idx)
-        bar.update(len(idx))
-    bar.close()
-    if was_training:
-        model.train()
     return total, count
+
+
+def sequence_nll(
+    model: Any, items: Sequence[tuple[list[int], int]], batch_size: int = 8, desc: str = "scoring"
+) -> torch.Tensor:
+    """Negative log-likelihood (nats) of the scored tokens of each item on its own: a tensor [len(items)]."""
+    out = torch.zeros(len(items), dtype=torch.float64)
+    for idx, logits, tgt in _batches(model, items, batch_size, desc):
+        tok = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), tgt, ignore_index=-100, reduction="none"
+        )  # [rows, width - 1], 0 where not scored
+        out[torch.tensor(idx)] = tok.sum(-1).double().cpu()
+    return out
 
 
 def bits_per_char(total_nll_nats: float, chars: int) -> float:

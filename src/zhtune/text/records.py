@@ -314,6 +314,14 @@ def read_conversations(
             yield str(path), line, msgs
 
 
+def iter_records(path: Path, *, skip_bad_records: bool, stats: ReadStats) -> Iterator[tuple[int, Any]]:
+    """``(line, record)`` of one file, as :func:`read_conversations` reads it: with ``skip_bad_records``,
+    JSONL lines that do not parse are counted in ``stats`` and skipped, otherwise they raise DataError."""
+    if path.suffix == ".jsonl" and skip_bad_records:
+        return _lenient_jsonl(path, stats)
+    return iter_json_records(path)
+
+
 def _lenient_jsonl(path: Path, stats: ReadStats) -> Iterator[tuple[int, Any]]:
     raw = path.read_bytes()
     if raw.startswith(b"\xef\xbb\xbf"):
