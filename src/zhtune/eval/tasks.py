@@ -12,6 +12,8 @@ The conversation up to the last assistant turn is the prompt; that turn is the r
   plus the share of replies that are exactly right. For extraction tasks such as NER.
 * ``cloze``: the file holds cloze items instead (:mod:`zhtune.eval.cloze`): the option whose filled
   sentence is likeliest is the prediction.
+* ``preference``: the file holds preference pairs instead (:mod:`zhtune.eval.preference`): the share of pairs
+  whose chosen reply the model finds likelier than the rejected one, and the mean margin.
 
 Tasks scored on greedy replies also report how fast they were written: Chinese (Han) characters of the
 replies per second of generation (``chars_per_s``) and tokens generated per character of reply
@@ -31,7 +33,7 @@ from zhtune.score.replies import item_counts, items, match, normalize  # noqa: F
 from zhtune.text.records import iter_json_records, to_messages
 from zhtune.text.templates import Message
 
-METRICS = ("labels", "exact", "contains", "f1", "cloze")
+METRICS = ("labels", "exact", "contains", "f1", "cloze", "preference")
 MAX_LABELS = 50
 # Han characters: CJK unified ideographs, extension A, compatibility ideographs, extensions B and beyond
 HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
@@ -92,6 +94,10 @@ def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions) -> dict[str, Any
         from zhtune.eval import cloze
 
         return cloze.evaluate(model, tok, opts)
+    if opts.metric == "preference":
+        from zhtune.eval import preference
+
+        return preference.evaluate(model, tok, fmt, opts)
     recs = read_items(opts.file, opts.max_samples)
     prompts = [_with_system(m, opts.system_prompt) for _, m, _ in recs]
     refs = [r for _, _, r in recs]
