@@ -56,8 +56,8 @@ class PrefArgs:
     )
     beta: float | None = field(
         None,
-        "Strength of the preference term: DPO/KTO's beta (0.1), IPO's tau (0.1), ORPO's lambda (0.1), SimPO's "
-        "beta (2.0; the paper uses 2.0-2.5). Default: the value in brackets.",
+        "Strength of the preference term (DPO/KTO's beta, IPO's tau, ORPO's lambda, SimPO's beta). Default by "
+        "loss: 0.1, and 2.0 for SimPO (its paper uses 2.0-2.5).",
     )
     label_smoothing: float = field(
         0.0,
