@@ -165,3 +165,16 @@ def test_trl_defaults_give_way_to_zhtunes(tmp_path):
     with pytest.raises(ConfigError, match="--precompute_ref_log_probs: --loss orpo uses no reference"):
         dpo.DpoConfig.of({"loss": "orpo", "precompute_ref_log_probs": True})
     assert dataclasses.asdict(dpo.PrefArgs())["loss"] == "dpo"
+
+
+def test_trl_tokenization_is_passed_over_only_for_zhtunes_columns():
+    from datasets import Dataset
+
+    from zhtune.train.pref_trainers import ZhORPOTrainer, check_columns
+
+    raw = Dataset.from_list([{"prompt": "你好", "chosen": "好", "rejected": "不好"}])
+    with pytest.raises(ConfigError, match="ZhDPOTrainer takes zhtune's encoded dpo columns; this dataset lacks "
+                       "prompt_ids, chosen_ids, rejected_ids"):  # fmt: skip
+        check_columns(raw, "dpo", "ZhDPOTrainer")
+    with pytest.raises(ConfigError, match="lacks prompt_input_ids"):
+        ZhORPOTrainer.tokenize_row(object.__new__(ZhORPOTrainer), raw[0])

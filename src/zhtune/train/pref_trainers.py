@@ -50,7 +50,8 @@ COLUMNS = {
 
 
 def check_columns(dataset: Any, layout: str, trainer: str) -> None:
-    missing = [c for c in COLUMNS[layout] if c not in dataset.column_names]
+    names = dataset.column_names if hasattr(dataset, "column_names") else list(dataset)
+    missing = [c for c in COLUMNS[layout] if c not in names]
     if missing:
         raise ConfigError(
             f"{trainer} takes zhtune's encoded {layout} columns; this dataset lacks {', '.join(missing)} "
@@ -106,6 +107,7 @@ class ZhKTOTrainer(_RefSeam, KTOTrainer):
 
 
 def _no_tokenize(self: Any, feature: dict[str, Any], model: Any = None) -> dict[str, Any]:
+    check_columns(feature, "cpo", type(self).__name__)
     return feature  # zhtune's cpo columns: full sequences with labels -100 over the prompt
 
 
