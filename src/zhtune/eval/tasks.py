@@ -12,6 +12,8 @@ The conversation up to the last assistant turn is the prompt; that turn is the r
   plus the share of replies that are exactly right. For extraction tasks such as NER.
 * ``cloze``: the file holds cloze items instead (:mod:`zhtune.eval.cloze`): the option whose filled
   sentence is likeliest is the prediction.
+* ``preference``: the file holds preference pairs instead (:mod:`zhtune.eval.preference`): the share of pairs
+  whose chosen reply the model finds likelier than the rejected one, and the mean margin.
 
 Tasks scored on greedy replies also report how fast they were written: Chinese (Han) characters of the
 replies per second of generation (``chars_per_s``) and tokens generated per character of reply
@@ -27,12 +29,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from zhtune.errors import DataError
+from zhtune.score.replies import item_counts, items, match, normalize  # noqa: F401 - names of this module
 from zhtune.text.records import iter_json_records, to_messages
 from zhtune.text.templates import Message
 
-METRICS = ("labels", "exact", "contains", "f1", "cloze")
+METRICS = ("labels", "exact", "contains", "f1", "cloze", "preference")
 MAX_LABELS = 50
-_TRAILING = "。．.!！?？;；,，、 "
 # Han characters: CJK unified ideographs, extension A, compatibility ideographs, extensions B and beyond
 HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
 
@@ -68,33 +70,6 @@ def read_items(path: str | Path, max_samples: int | None = None) -> list[tuple[i
     return out
 
 
-def normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().rstrip(_TRAILING).strip()
-
-
-def match(metric: str, reply: str, reference: str) -> bool:
-    r, ref = normalize(reply), normalize(reference)
-    if metric == "exact":
-        return r == ref
-    if metric == "contains":
-        return ref in r
-    raise ValueError(f"unknown metric {metric!r}")
-
-
-def items(text: str) -> set[tuple[str, str]]:
-    """(field, item) pairs of a structured answer; placeholder items (无, none) are not items."""
-    out = set()
-    for part in re.split(r"[；;\n]", text):
-        key, sep, rest = (
-            re.split(r"([：:])", part, maxsplit=1) if re.search(r"[：:]", part) else ("", "", part)
-        )
-        for item in re.split(r"[、，,]", rest):
-            item = normalize(item)
-            if item and item not in ("无", "none", "None", "-"):
-                out.add((key.strip(), item))
-    return out
-
-
 def _with_system(msgs: list[Message], system: str | None) -> list[Message]:
     if system and (not msgs or msgs[0]["role"] != "system"):
         return [{"role": "system", "content": system}, *msgs]
@@ -122,11 +97,15 @@ def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions, engine: Any = No
         from zhtune.eval import cloze
 
         return cloze.evaluate(model, tok, opts)
-    items = read_items(opts.file, opts.max_samples)
-    prompts = [_with_system(m, opts.system_prompt) for _, m, _ in items]
-    refs = [r for _, _, r in items]
+    if opts.metric == "preference":
+        from zhtune.eval import preference
+
+        return preference.evaluate(model, tok, fmt, opts)
+    recs = read_items(opts.file, opts.max_samples)
+    prompts = [_with_system(m, opts.system_prompt) for _, m, _ in recs]
+    refs = [r for _, _, r in recs]
     if opts.metric == "labels":
-        out = _labels(model, tok, fmt, opts, items, prompts, refs)
+        out = _labels(model, tok, fmt, opts, recs, prompts, refs)
         replies = greedy_replies(model, tok, fmt, prompts[: opts.sample_replies], opts, engine)
     else:
         replies = greedy_replies(model, tok, fmt, prompts, opts, engine)
@@ -139,7 +118,7 @@ def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions, engine: Any = No
     return out
 
 
-def _labels(model, tok, fmt, opts, items, prompts, refs) -> dict[str, Any]:  # noqa: ANN001
+def _labels(model, tok, fmt, opts, recs, prompts, refs) -> dict[str, Any]:  # noqa: ANN001
     from zhtune.score.labels import label_scores
 
     labels = list(opts.labels or sorted(set(refs)))
@@ -150,7 +129,7 @@ def _labels(model, tok, fmt, opts, items, prompts, refs) -> dict[str, Any]:  # n
             f"{len(labels)} distinct reference outputs: too many for a label set; use --task_metric exact or "
             "contains, or give --labels",
         )
-    for (line, _, _), ref in zip(items, refs):
+    for (line, _, _), ref in zip(recs, refs):
         if ref not in labels:
             raise DataError(opts.file, line, f"reference {ref!r} is not one of the labels {labels}")
     scores = label_scores(model, tok, fmt, prompts, labels, batch_size=opts.batch_size)
@@ -235,8 +214,8 @@ def _generated(
     if opts.metric == "f1":
         tp = fp = fn = 0
         for r, ref in zip(replies, refs):
-            got, want = items(r), items(ref)
-            tp, fp, fn = tp + len(got & want), fp + len(got - want), fn + len(want - got)
+            t, f, n = item_counts(r, ref)
+            tp, fp, fn = tp + t, fp + f, fn + n
         p = tp / (tp + fp) if tp + fp else 0.0
         rc = tp / (tp + fn) if tp + fn else 0.0
         out.update(f1=2 * p * rc / (p + rc) if p + rc else 0.0, precision=p, recall=rc)

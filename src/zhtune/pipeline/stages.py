@@ -122,6 +122,29 @@ def _advance_train(kind_key: str, adapter_kinds: tuple[str, ...]) -> Callable:
     return advance
 
 
+def _wire_align(opts: dict, st: State, out: Path) -> dict:
+    """dpo, grpo: after a LoRA stage they continue its adapter (its reference is that stage's model);
+    after a full or merged stage they start a fresh adapter (or full weights) on its model."""
+    full = opts.get("finetuning_type", "lora") == "full"
+    if st.adapters and (full or len(st.adapters) > 1):
+        raise ConfigError(
+            f"{out.name}: {len(st.adapters)} adapter(s) not merged yet; put a merge stage before it"
+            if not full
+            else f"{out.name}: --finetuning_type full needs a merged model; put a merge stage before it"
+        )
+    o = _fill(
+        opts,
+        model_name_or_path=st.model,
+        tokenizer_name_or_path=st.tokenizer,
+        output_dir=str(out),
+        report_to="none",
+        data_cache_dir=str(out.parent / "cache"),
+    )
+    if st.adapters and "peft_path" not in opts:
+        o["peft_path"] = st.adapters[0]
+    return o
+
+
 # ---- merge, export, eval ----
 
 
@@ -200,6 +223,12 @@ COMMANDS: dict[str, Command] = {
     "pt": Command("zhtune.train.pt", _wire_train, _advance_train("stage", ("lora",)), trains=True),
     "sft": Command(
         "zhtune.train.sft", _wire_train, _advance_train("finetuning_type", ("lora",)), trains=True
+    ),
+    "dpo": Command(
+        "zhtune.train.dpo", _wire_align, _advance_train("finetuning_type", ("lora",)), trains=True
+    ),
+    "grpo": Command(
+        "zhtune.train.grpo", _wire_align, _advance_train("finetuning_type", ("lora",)), trains=True
     ),
     "merge": Command("zhtune.merge.merge", _wire_merge, _advance_merge),
     "export": Command("zhtune.export.export", _wire_export, _advance_export),

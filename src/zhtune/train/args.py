@@ -77,6 +77,11 @@ class TrainingConfig(Config):
 
         return TrainingArguments
 
+    def arguments(self) -> tuple[type, dict[str, Any]]:
+        """This run's TrainingArguments class and the options the command sets on it beyond TrainArgs (a
+        preference loss's class and its beta, say); pass-through options still win over them."""
+        return self.arguments_class(), {}
+
     @classmethod
     def passthrough(cls) -> dict[str, set[str]]:
         """The options this command accepts verbatim (see :func:`passthrough`)."""
@@ -108,8 +113,16 @@ class TrainingConfig(Config):
         )
 
 
-def build_training_arguments(t: TrainArgs, *, has_eval: bool, device: str, cls: type | None = None) -> Any:
-    """The TrainingArguments (or ``cls``, a subclass) of a run; pass-through options (``t.extra``) win."""
+def build_training_arguments(
+    t: TrainArgs,
+    *,
+    has_eval: bool,
+    device: str,
+    cls: type | None = None,
+    own: Mapping[str, Any] | None = None,
+) -> Any:
+    """The TrainingArguments (or ``cls``, a subclass) of a run; ``own`` are the command's options for ``cls``
+    (see :meth:`TrainingConfig.arguments`); pass-through options (``t.extra``) win over both."""
     if cls is None:
         from transformers import TrainingArguments as cls
     if t.fp16 and device == "cpu":
@@ -120,6 +133,7 @@ def build_training_arguments(t: TrainArgs, *, has_eval: bool, device: str, cls: 
         raise ConfigError(f"unknown training options: {', '.join(sorted(unknown))}")
     kw = {name: getattr(t, name) for name in COPIED}
     kw.update(_derived(t, has_eval=has_eval, device=device))
+    kw.update(own or {})
     kw.update(t.extra)
     try:
         return cls(**kw)
@@ -150,6 +164,10 @@ def _derived(t: TrainArgs, *, has_eval: bool, device: str) -> dict[str, Any]:
         logging_nan_inf_filter=t.nan_policy == "skip",
         disable_tqdm=False,
         use_cpu=(device == "cpu"),
+        # zhtune applies these itself (prepare_for_training, the speed plan); said explicitly because TRL's
+        # argument classes default gradient checkpointing to on
+        gradient_checkpointing=False,
+        use_liger_kernel=False,
     )
 
 

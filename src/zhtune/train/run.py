@@ -102,10 +102,10 @@ class RunContext:
         from zhtune.train.args import build_training_arguments
         from zhtune.train.callbacks import LossCurveCallback, PeakMemoryCallback
 
+        args_cls, own = self.cfg.arguments()
         args = build_training_arguments(
-            self.cfg.train, has_eval=eval_dataset is not None, device=self.device,
-            cls=self.cfg.arguments_class(),
-        )  # fmt: skip
+            self.cfg.train, has_eval=eval_dataset is not None, device=self.device, cls=args_cls, own=own
+        )
         self.callbacks = [LossCurveCallback(self.out / "loss_curve.png"), PeakMemoryCallback(), *callbacks]
         kw.setdefault("processing_class", self.tokenizer)
         return cls(args=args, eval_dataset=eval_dataset, callbacks=self.callbacks, zh_config=self.cfg, **kw)

@@ -50,7 +50,10 @@ CONFIG_NAME = "zhtune_config.yaml"
 
 class CheckpointMixin:
     """Put first among the bases of a transformers Trainer subclass; takes ``zh_config=`` (the resolved
-    config, saved into every checkpoint; its ``model.allow_pickle`` and ``train.nan_policy`` are read)."""
+    config, saved into every checkpoint; its ``model.allow_pickle`` and ``train.nan_policy`` are read).
+    ``saved_adapters``: of a peft model with several adapters, the ones written (None: all of them)."""
+
+    saved_adapters: tuple[str, ...] | None = None
 
     def __init__(self, *args: Any, zh_config: Config | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -87,9 +90,13 @@ class CheckpointMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        kw = {"selected_adapters": list(self.saved_adapters)} if self._several_adapters(model) else {}
+        model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True, **kw)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+
+    def _several_adapters(self, model: Any) -> bool:
+        return self.saved_adapters is not None and len(getattr(model, "peft_config", None) or {}) > 1
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         self.guard.check(self.args.output_dir, f"before writing checkpoint-{self.state.global_step}")
