@@ -16,6 +16,7 @@ from conftest import ZH, make_tiny_model, write_alpaca
 from eval_data import write_ceval
 from extended_vocab import extend, made_up_chinese
 from lora_helpers import make_adapter
+from pref_helpers import write_pairs
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -84,6 +85,10 @@ class Places:
             "a.json": lambda p: write_alpaca(p, n=6),
             "b.jsonl": lambda p: write_json(p, conversations(4), lines=True),
             "sharegpt_html.json": lambda p: write_json(p, conversations(html=True), lines=False),
+            "dpo_zh_demo.json": lambda p: write_pairs(p, n=64),  # --held_out_pairs 60 leaves 4 to train on
+            "out/dpo": lambda d: make_adapter(self.model, d, seed=4, targets=TARGETS),
+            "out/dpo/heldout_pairs.jsonl": lambda p: write_pairs(p, n=6),
+            "tasks.jsonl": self.grpo_tasks,
         }
         for name in ("clean.jsonl", "zh.jsonl", "norm.jsonl", "good.jsonl", "dedup.jsonl", "split.jsonl"):
             self.builders[name] = lambda p: write_json(p, conversations(copies=2), lines=True)
@@ -154,4 +159,25 @@ class Places:
     def sentiment_task(self, p: Path) -> Path:
         reviews = [(ZH[1], "正面"), (ZH[2], "负面"), (ZH[4], "正面"), ("质量太差，不推荐。", "负面")] * 2
         recs = [{"instruction": f"这条评论的情感是正面还是负面？\n{t}", "output": y} for t, y in reviews]
+        return write_json(p, recs, lines=True)
+
+    def grpo_tasks(self, p: Path) -> Path:
+        """Records whose 'task' picks their reward in --task_rewards: sentiment labels and NER items."""
+        ner = "人名：江泽民；地名：北京；机构名：无"
+        recs = [
+            {
+                "instruction": "这条评论是正面还是负面？",
+                "input": ZH[1],
+                "output": "正面",
+                "task": "sentiment",
+            },
+            {
+                "instruction": "这条评论是正面还是负面？",
+                "input": "质量太差。",
+                "output": "负面",
+                "task": "sentiment",
+            },
+            {"instruction": "找出人名和地名。", "input": "江泽民在北京", "output": ner, "task": "ner"},
+            {"instruction": "找出人名和地名。", "input": "江泽民到了北京", "output": ner, "task": "ner"},
+        ]
         return write_json(p, recs, lines=True)
