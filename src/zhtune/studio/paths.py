@@ -28,6 +28,7 @@ PATH_FIELDS = frozenset(
         "train_files",
         "validation_file",
         "peft_path",
+        "reward_fn",  # FILE.py:function, user code that grpo imports: it must lie in the workspace
         "output_dir",
         "run_dir",
         "logging_dir",
