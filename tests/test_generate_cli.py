@@ -104,9 +104,9 @@ def test_cli_reports_missing_options(capsys):
 
 def test_a_reply_with_unicode_line_breaks_stays_one_line():
     """A tiny random model once replied with U+0085: json.dumps leaves it raw and splitlines broke the record."""
-    from zhtune.infer.generate import jsonl_line
+    from zhtune.text.records import json_line
 
     rec = {"id": "0", "output": "好\u0085a\u2028b\u2029c，北京"}
-    line = jsonl_line(rec)
+    line = json_line(rec) + "\n"
     assert len(line.splitlines()) == 1 and "北京" in line
     assert json.loads(line) == rec

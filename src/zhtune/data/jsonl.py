@@ -20,6 +20,7 @@ from typing import Any
 
 from zhtune.atomic import fsync_dir, tmp_sibling
 from zhtune.errors import DataError
+from zhtune.text.records import json_line
 
 CHUNK = 1 << 20
 MAX_RECORD_CHARS = 256 << 20  # a JSON-array record larger than this is taken for a syntax error
@@ -195,7 +196,7 @@ def _iter_array(path: Path) -> Iterator[tuple[int, Any, int]]:
 
 
 def dumps(rec: Any) -> str:
-    return json.dumps(rec, ensure_ascii=False)
+    return json_line(rec)
 
 
 class RecordWriter:

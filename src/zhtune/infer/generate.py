@@ -25,7 +25,7 @@ from zhtune.config.args import GenerationArgs, ModelArgs
 from zhtune.config.parse import Config, build, field, parse_cli
 from zhtune.errors import ConfigError, DataError
 from zhtune.infer.engine import EngineArgs
-from zhtune.text.records import detect_format, iter_json_records, to_messages
+from zhtune.text.records import detect_format, iter_json_records, json_line, to_messages
 from zhtune.text.templates import Message
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     results = {k: v for k, v in read_done(dst).items()}
     ordered = [results[k] for k, _, _ in requests if k in results]
     if len(ordered) == len(requests):
-        atomic_write_text(dst, "".join(jsonl_line(r) for r in ordered))
+        atomic_write_text(dst, "".join(json_line(r) + "\n" for r in ordered))
     errors = sum(1 for r in ordered if r.get("error"))
     return {
         "records": len(requests),
@@ -210,22 +210,9 @@ def run(engine: Any, todo: list, g: GenerationArgs, j: GenerateArgs, dst: Path, 
     bar.close()
 
 
-# characters Python's str.splitlines (and JavaScript before ES2019) take for line breaks that JSON leaves raw
-LINE_BREAKS = {"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
-
-
-def jsonl_line(rec: dict[str, Any]) -> str:
-    """One JSON Lines record, Chinese kept readable; a model's stray U+0085/U+2028/U+2029 escaped, so every
-    reader sees one record a line."""
-    text = json.dumps(rec, ensure_ascii=False)
-    for raw, escaped in LINE_BREAKS.items():
-        text = text.replace(raw, escaped)
-    return text + "\n"
-
-
 def write(out: Any, rec: dict[str, Any]) -> None:
     """One whole line per write, flushed to disk, so an interruption never leaves half a record."""
-    out.write(jsonl_line(rec))
+    out.write(json_line(rec) + "\n")
     out.flush()
     os.fsync(out.fileno())
 

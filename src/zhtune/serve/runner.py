@@ -10,7 +10,6 @@ in the batch; every admitted request is counted once, when it ends.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -26,18 +25,13 @@ from zhtune.serve.asgi import JobStream
 from zhtune.serve.protocol import Shape
 from zhtune.serve.state import Server
 from zhtune.serve.validate import failed
+from zhtune.text.records import json_line
 
 DISCONNECT_POLL_S = 0.5  # how often a request without streaming checks that its client is still there
 
 
-# characters that str.splitlines() ends a line at but JSON leaves raw: escaped, so that a client reading the
-# stream with a splitlines-style reader (httpx's iter_lines) still gets whole events (SSE itself ends lines at
-# CR and LF only, which JSON always escapes)
-LINE_BREAKS = {ord("\x85"): "\\u0085", ord("\u2028"): "\\u2028", ord("\u2029"): "\\u2029"}
-
-
 def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False).translate(LINE_BREAKS)}\n\n"
+    return f"data: {json_line(obj)}\n\n"  # SSE ends lines at CR and LF only, which JSON escapes
 
 
 def finish_of(job: Job) -> str:

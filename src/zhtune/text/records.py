@@ -19,6 +19,16 @@ from typing import Any
 from zhtune.errors import DataError
 from zhtune.text.templates import Message
 
+# characters str.splitlines() (and JavaScript before ES2019) end a line at but JSON leaves raw
+LINE_BREAKS = {ord("\x85"): "\\u0085", ord("\u2028"): "\\u2028", ord("\u2029"): "\\u2029"}
+
+
+def json_line(obj: Any) -> str:
+    """``obj`` as JSON on one line for every reader: Chinese kept readable, U+0085/U+2028/U+2029 (a model's
+    stray output) escaped, so a JSONL record or an SSE event is never split by a splitlines-style reader."""
+    return json.dumps(obj, ensure_ascii=False).translate(LINE_BREAKS)
+
+
 DATA_SUFFIXES = (".json", ".jsonl")
 ROLE_ALIASES = {
     "human": "user",
