@@ -241,46 +241,20 @@ SPECS: dict[tuple[str, ...], Spec] = {
         tiny=("--max_steps", "2", "--save_steps", "2", "--logging_steps", "1"), slow=True
     ),
     ("zhtune", "dpo"): Spec(
-        tiny=(
-            "--max_steps",
-            "2",
-            "--save_steps",
-            "2",
-            "--logging_steps",
-            "1",
-            "--per_device_train_batch_size",
-            "2",
-            "--max_seq_length",
-            "96",
-            "--max_prompt_length",
-            "48",
-            "--lora_rank",
-            "4",
-            "--lora_alpha",
-            "8",
+        tiny=tuple(
+            "--max_steps 2 --save_steps 2 --logging_steps 1 --per_device_train_batch_size 2 --max_seq_length 96 "
+            "--max_prompt_length 48 --lora_rank 4 --lora_alpha 8".split()
         ),
         made=("out/dpo/heldout_pairs.jsonl",),
         slow=True,
-    ),  # fmt: skip
+    ),
     ("zhtune", "grpo"): Spec(
-        tiny=(
-            "--max_steps",
-            "1",
-            "--save_steps",
-            "1",
-            "--logging_steps",
-            "1",
-            "--per_device_train_batch_size",
-            "4",
-            "--num_generations",
-            "2",
-            "--max_completion_length",
-            "4",
-            "--max_seq_length",
-            "96",
+        tiny=tuple(
+            "--max_steps 1 --save_steps 1 --logging_steps 1 --per_device_train_batch_size 4 --num_generations 2 "
+            "--max_completion_length 4 --max_seq_length 96".split()
         ),
         slow=True,
-    ),  # fmt: skip
+    ),
     ("zhtune", "pt"): Spec(tiny=("--max_steps", "2", "--save_steps", "2", "--logging_steps", "1"), slow=True),
     ("zhtune", "vocab", "train"): Spec(tiny=("--vocab_size", "700")),
     ("zhtune", "vocab", "merge"): Spec(tiny=("--max_new_tokens", "150")),

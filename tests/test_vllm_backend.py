@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -97,19 +98,22 @@ def run_all(engine: Engine, chats: list, g: GenerationArgs) -> list:
 def reference(model_dir: Path, chats: list, g: GenerationArgs, **kw) -> list:
     """The same conversations through transformers generate, one at a time (no padding), without the UTF-8 guard
     (zhtune.infer.utf8), which the vLLM backend does not apply: a tiny random model breaks characters often."""
+    with no_utf8_guard():
+        engine = load(model_dir, "generate", **kw)
+        engine.args.max_batch_size = 1
+        engine.start("generate")
+        try:
+            return run_all(engine, chats, g)
+        finally:
+            engine.close()
+
+
+@contextlib.contextmanager
+def no_utf8_guard() -> Iterator[None]:
+    """transformers' backends as the vLLM backend decodes: no tokens masked for breaking a UTF-8 character."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Utf8Guard, "for_tokenizer", classmethod(lambda cls, tok, always=(): None))
-        return unguarded(model_dir, chats, g, **kw)
-
-
-def unguarded(model_dir: Path, chats: list, g: GenerationArgs, **kw) -> list:
-    engine = load(model_dir, "generate", **kw)
-    engine.args.max_batch_size = 1
-    engine.start("generate")
-    try:
-        return run_all(engine, chats, g)
-    finally:
-        engine.close()
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -368,8 +372,7 @@ def test_eval_greedy_replies_through_vllm(tmp_path, tiny):
     opts.update(task_metric="exact", max_new_tokens=8)
     got = {}
     for backend in ("vllm", "generate"):
-        with pytest.MonkeyPatch.context() as mp:  # as reference(): transformers without the UTF-8 guard
-            mp.setattr(Utf8Guard, "for_tokenizer", classmethod(lambda cls, tok, always=(): None))
+        with no_utf8_guard():  # as reference()
             (results,) = main({**opts, "backend": backend})["results"].values()
         timed = ("chars_per_s", "generation_s")  # timings differ run to run; everything else is the same
         got[backend] = {k: v for k, v in results["task"].items() if k not in timed}
