@@ -39,6 +39,7 @@ from zhtune.data.tool import (
 )
 from zhtune.errors import ConfigError
 from zhtune.text.formats import extras_of, from_messages, split_system
+from zhtune.text.records import json_line
 
 DESCRIPTION = "Remove exact and near-duplicate conversations (MinHash LSH), document, prompt or turn level."
 NON_WORD = re.compile(r"[\W_]+")
@@ -285,9 +286,7 @@ class Dedup(Tool):
         if self.args.clusters_file:
             from zhtune.atomic import atomic_write_text
 
-            atomic_write_text(
-                self.args.clusters_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            )
+            atomic_write_text(self.args.clusters_file, "".join(json_line(r) + "\n" for r in rows))
         summary.extra["clusters"] = len(rows)
         summary.extra["units_removed"] = sum(len(r["removed"]) for r in rows)
         summary.extra["largest_clusters"] = rows[:5]

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from zhtune.config.parse import Config, build, field, parse_cli
 from zhtune.errors import ConfigError
+from zhtune.text.records import json_line
 
 log = logging.getLogger(__name__)
 DESCRIPTION = "Generate instruction data through an OpenAI-compatible endpoint (self-instruct, resumable)."
@@ -356,7 +357,7 @@ class Generator:
                 continue
             self.remember(task)
             self.s.kept += 1
-            lines.append(json.dumps(task, ensure_ascii=False) + "\n")
+            lines.append(json_line(task) + "\n")
         return lines
 
 

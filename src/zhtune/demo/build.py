@@ -24,6 +24,7 @@ from typing import Any
 
 from zhtune.config.parse import Config, build, field
 from zhtune.errors import ConfigError
+from zhtune.text.records import json_line
 
 FILES = {
     "news_train": "news_train.txt",
@@ -96,7 +97,7 @@ def continuation_records(paragraphs: list[str], n: int, seed: int = 0) -> list[d
 
 
 def _jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return "".join(json_line(r) + "\n" for r in records)
 
 
 def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:

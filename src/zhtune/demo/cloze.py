@@ -32,6 +32,7 @@ from typing import Any
 from zhtune.config.parse import Config, build, field, parse_cli
 from zhtune.errors import ConfigError
 from zhtune.score.cloze import BLANK
+from zhtune.text.records import json_line
 
 DEFAULT_TAGS = ("n", "v", "vn", "a", "d")
 HAN_WORD = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]+")
@@ -201,7 +202,6 @@ def people_daily_items(a: ClozeArgs) -> list[dict[str, Any]]:
 
 
 def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
-    import json
     from pathlib import Path
 
     from zhtune.atomic import atomic_write_text
@@ -211,7 +211,7 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("--output_file is required")
     items = people_daily_items(a)
     out = Path(a.output_file)
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
+    atomic_write_text(out, "".join(json_line(r) + "\n" for r in items))
     return {"output_file": str(out), "items": len(items), "pos": dict(Counter(r["pos"] for r in items))}
 
 

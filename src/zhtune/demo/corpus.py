@@ -9,7 +9,6 @@ The files are found through the package's location; the package itself is not im
 from __future__ import annotations
 
 import importlib.util
-import json
 import random
 import re
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from zhtune.deps import install_hint
 from zhtune.errors import MissingDependency
+from zhtune.text.records import json_line
 
 SENTIMENT_INSTRUCTION = "判断下面这条商品评论的情感倾向，只回答“正面”或“负面”。"
 LABELS = ("正面", "负面")
@@ -93,7 +93,7 @@ def heldout_start(paragraphs: int, heldout_fraction: float) -> int:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     from zhtune.atomic import atomic_write_text
 
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(path, "".join(json_line(r) + "\n" for r in records))
     return path
 
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from zhtune.atomic import atomic_write_text
 from zhtune.errors import DataError
-from zhtune.text.records import ROLE_ALIASES, ReadStats, iter_records, validate
+from zhtune.text.records import ROLE_ALIASES, ReadStats, iter_records, json_line, validate
 from zhtune.text.templates import Message
 
 PROMPT_FIELDS = "conversations, messages, prompt or instruction"
@@ -330,5 +330,5 @@ def write_held_out_split(
     """:func:`split_held_out`, written as two JSON Lines files (atomically), the records unchanged."""
     split = split_held_out(paths, held_out=held_out, seed=seed, skip_bad_records=skip_bad_records)
     for out, recs in ((train_out, split.train), (held_out_out, split.held_out)):
-        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+        atomic_write_text(out, "".join(json_line(r) + "\n" for r in recs))
     return split
