@@ -354,7 +354,8 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, tiny_llama_bpe):
                     "max_seq_length": 96,
                     **TRAIN,
                     "max_steps": 40,
-                    "save_total_limit": 3,
+                    # every checkpoint kept: with a small limit, checkpoint-2 can be rotated away between two looks
+                    "save_total_limit": 50,
                 },
             },
         ],
@@ -362,19 +363,24 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, tiny_llama_bpe):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zhtune", "pipeline", str(recipe)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    ckpt = tmp_path / "run" / "sft" / "checkpoint-2"
-    deadline = time.time() + 300
-    while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ckpt.is_dir(), "sft never wrote its second checkpoint"
+    log = tmp_path / "first_run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "zhtune", "pipeline", str(recipe)], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        sft_dir = tmp_path / "run" / "sft"
+
+        def saved_steps():
+            return [int(p.name.rsplit("-", 1)[1]) for p in sft_dir.glob("checkpoint-*") if p.name[11:].isdigit()]
+
+        deadline = time.time() + 300
+        while max(saved_steps(), default=0) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    steps = saved_steps()
+    assert max(steps, default=0) >= 2, f"sft never wrote its second checkpoint: {log.read_text()[-3000:]}"
+    assert max(steps) < 40, "the run finished before it could be killed"
     state = json.loads((tmp_path / "run" / "pipeline_state.json").read_text(encoding="utf-8"))
     assert state["stages"]["data"]["status"] == "done" and state["stages"]["sft"]["status"] == "running"
     r = subprocess.run(
