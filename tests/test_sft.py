@@ -150,6 +150,28 @@ def test_resume_from_checkpoint_continues_the_same_run(tiny_llama_sp, alpaca_fil
     resumed = sft({**part, "resume_from_checkpoint": "true"})
     # the resumed run's history holds steps 1-2 from the checkpoint and steps 3-4 trained again
     assert losses(resumed) == pytest.approx(losses(full), abs=1e-6)
+    # the count of training tokens goes on from the checkpoint's
+    assert resumed["train_tokens"] == full["train_tokens"] > 0
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_training_tokens_are_counted_as_trainer_counts_them(
+    padding_free, tiny_llama_bpe, alpaca_file, tmp_path
+):
+    """zhtune counts non-padding tokens on the device (no wait per step); Trainer's own counter, which waits
+    every step, gives the same number, in every training log and at the end (padded or padding-free rows)."""
+    c = base_cfg(
+        tiny_llama_bpe, alpaca_file, tmp_path / "a", tmp_path / "c", max_steps=4, padding_free=padding_free
+    )
+    ours = sft(c)
+    theirs = sft({**c, "output_dir": str(tmp_path / "b"), "include_num_input_tokens_seen": "non_padding"})
+
+    def seen(summary):
+        return [h["num_input_tokens_seen"] for h in summary["log_history"] if "loss" in h]
+
+    assert seen(ours) == seen(theirs) and len(seen(ours)) == 4
+    assert ours["train_tokens"] == theirs["train_tokens"] == seen(ours)[-1]
+    assert 0 < ours["train_tokens"] < 4 * 4 * 128  # padding not counted (the samples are short)
 
 
 def test_full_finetuning_changes_all_weights(tiny_llama_sp, alpaca_file, tmp_path):

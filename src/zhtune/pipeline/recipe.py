@@ -8,12 +8,18 @@
       ...
     variants:
       quick: {run_dir: runs/demo-zh-quick, stages: {pt1: {max_steps: 20}}}
+    arms:
+      plain: {skip: [vocab, tokenizer, pt1, pt2], about: SFT on the base model}
+      full: {about: vocabulary + pre-training + SFT}
 
 Each stage writes to ``<run_dir>/<name>``. Options a stage does not set come from the run so far (see
 :mod:`zhtune.pipeline.stages`): the model to start from, the tokenizer to resize to, adapters to merge.
 Strings may refer to ``${run_dir}``, ``${data.NAME}`` (a file of the demo_data stage) and ``${stage.NAME}``
 (a stage's output directory). A variant overrides top-level options and, per stage, options of ``with``;
 ``--stage_options '{sft: {max_steps: 10}}'`` overrides stage options from the command line, over the variant.
+An arm is a variant run beside the others for comparison: ``--compare plain,full`` (or ``all``) runs each arm
+in ``<run_dir>/arms/<arm>`` on the same data and eval (see :mod:`zhtune.pipeline.compare`); an arm may skip
+stages and override stage options, over the variant's. A stage a variant or an arm skips leaves eval's ``models``.
 Loading a recipe checks every stage against its command, so a typo fails before hours of training.
 """
 
@@ -60,6 +66,19 @@ class PipelineArgs:
         help="Named overrides, e.g. quick: {run_dir: ..., stages: {NAME: {option: value}}, skip: [NAME]}.",
     )
     variant: str | None = field(None, "Apply this variant of the recipe.")
+    arms: dict = field(
+        factory=dict,
+        help="Comparison arms, e.g. plain: {skip: [vocab, pt], stages: {NAME: {option: value}}, about: text}; "
+        "run them with --compare.",
+    )
+    compare: list[str] | None = field(
+        None,
+        "Run these arms of the recipe ('all': every arm) one after the other, each in <run_dir>/arms/<arm>, and "
+        "write one report with the arms side by side in <run_dir>/compare.",
+    )
+    compare_model: str | None = field(
+        None, "The evaluated stage the arms are compared by (default: the last model each arm's eval scores)."
+    )
     stage_options: dict = field(
         factory=dict,
         help="Stage options over the recipe's and the variant's, e.g. --stage_options '{sft: {max_steps: 10}}'.",
@@ -76,10 +95,19 @@ class PipelineArgs:
             if self.variant not in (None, "quick"):
                 raise ConfigError("--quick is --variant quick; give one of them")
             self.variant = "quick"
+        recipe_stages = {s.get("name") for s in self.stages if isinstance(s, dict)}
         if self.variant:
             apply_variant(self, self.variant)
         self.stages = override_stages(self.stages, self.stage_options, "--stage_options")
         self.specs = parse_stages(self.stages)
+        self.arm_runs: list[tuple[str, PipelineArgs]] = []
+        if self.compare:
+            # every arm is checked against every command now, so a typo in the last arm fails before the first
+            self.arm_runs = [(n, arm_args(self, n, recipe_stages)) for n in arm_names(self)]
+            for name in self.rerun or []:
+                if not any(name in {s.name for s in arm.specs} for _, arm in self.arm_runs):
+                    raise ConfigError(f"--rerun {name}: no arm has such a stage")
+            return
         for name in self.rerun or []:
             if name not in {s.name for s in self.specs}:
                 raise ConfigError(f"--rerun {name}: no such stage ({', '.join(s.name for s in self.specs)})")
@@ -108,7 +136,60 @@ def apply_variant(a: PipelineArgs, name: str) -> None:
     skip = v.get("skip") or []
     if not isinstance(skip, list) or any(s not in names for s in skip):
         raise ConfigError(f"variants.{name}.skip: a list of stage names ({', '.join(map(str, names))})")
-    a.stages = [s for s in stages if s.get("name") not in skip]
+    a.stages = without(stages, skip)
+
+
+def arm_names(a: PipelineArgs) -> list[str]:
+    if not a.arms:
+        raise ConfigError(
+            "--compare: the recipe has no arms (add arms: {NAME: {skip: [...], stages: {...}}})"
+        )
+    names = list(a.arms) if a.compare == ["all"] else list(dict.fromkeys(a.compare or []))
+    for n in names:
+        if n not in a.arms:
+            raise ConfigError(f"--compare {n}: the recipe has no such arm (it has: {', '.join(a.arms)})")
+    return names
+
+
+def arm_args(a: PipelineArgs, name: str, recipe_stages: set[str]) -> PipelineArgs:
+    """The pipeline of one arm: the recipe (variant and --stage_options applied) with the arm's skips and
+    options, in <run_dir>/arms/<name>. Skipped stages leave eval's ``models``; every arm keeps the base."""
+    v = a.arms[name] or {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"arms.{name}: a mapping {{skip, stages, model_name_or_path, about}}")
+    unknown = set(v) - {"skip", "stages", "model_name_or_path", "about"}
+    if unknown:
+        raise ConfigError(
+            f"arms.{name}: unknown keys {sorted(unknown)} (skip, stages, model_name_or_path, about)"
+        )
+    skip = v.get("skip") or []
+    if not isinstance(skip, list) or any(s not in recipe_stages for s in skip):
+        raise ConfigError(f"arms.{name}.skip: a list of stage names ({', '.join(map(str, recipe_stages))})")
+    present = {s.get("name") for s in a.stages}
+    over = v.get("stages") or {}
+    if not isinstance(over, dict):
+        raise ConfigError(f"arms.{name}.stages: a mapping of stage name: {{option: value}}")
+    over = {k: o for k, o in over.items() if not (k in recipe_stages and k not in present)}  # variant skipped
+    stages = without(override_stages(a.stages, over, f"arms.{name}.stages"), skip)
+    names = {s.get("name") for s in stages}
+    return PipelineArgs(
+        run_dir=str(Path(a.run_dir) / "arms" / name),
+        model_name_or_path=v.get("model_name_or_path", a.model_name_or_path),
+        stages=stages,
+        report_text=a.report_text,
+        rerun=[r for r in a.rerun or [] if r in names] or None,
+        dry_run=a.dry_run,
+    )
+
+
+def without(stages: list[Any], skip: list[str]) -> list[Any]:
+    """The stages not in ``skip``; an eval stage's ``models`` forget the skipped ones."""
+    out = [s for s in stages if s.get("name") not in skip]
+    for s in out:
+        opts = s.get("with") or {}
+        if s.get("command") == "eval" and isinstance(opts.get("models"), list):
+            s["with"] = {**opts, "models": [m for m in opts["models"] if m not in skip]}
+    return out
 
 
 def override_stages(stages: list[Any], overrides: Any, where: str) -> list[Any]:

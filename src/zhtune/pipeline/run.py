@@ -111,7 +111,7 @@ def _small(result: Any) -> Any:
     for k, v in result.items():
         if k == "log_history":
             out[k] = [
-                {kk: h[kk] for kk in ("step", "loss", "eval_loss") if kk in h}
+                {kk: h[kk] for kk in ("step", "loss", "eval_loss", "num_input_tokens_seen") if kk in h}
                 for h in v
                 if "loss" in h or "eval_loss" in h
             ]
@@ -178,16 +178,42 @@ def _merge_input(
 
 
 def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
-    """Run (or resume) the pipeline; returns the state file's contents."""
-    from zhtune.pipeline.report import write_report
-
+    """Run (or resume) the pipeline; returns the state file's contents (with --compare: each arm's, by arm,
+    and the comparison report's path)."""
     if not isinstance(cfg, Config):
         cfg = build(SECTIONS, cfg)
     a: PipelineArgs = cfg.pipeline
+    recipe = cfg.to_dict()["pipeline"]
+    if not a.arm_runs:
+        return run_stages(a, recipe)
+    from zhtune.pipeline.compare import write_comparison
+
+    arms: dict[str, Any] = {}
+    for i, (name, arm) in enumerate(a.arm_runs):
+        print(f"\n==== arm {name} ({i + 1} of {len(a.arm_runs)}): {arm.run_dir}", flush=True)
+        about = (a.arms[name] or {}).get("about")
+        try:
+            arms[name] = run_stages(arm, {**recipe, "arm": name, "about": about, "stages": arm.stages})
+        finally:
+            if not a.dry_run:  # the comparison so far, also when an arm fails
+                write_comparison(Path(a.run_dir), [n for n, _ in a.arm_runs], a.compare_model)
+    if a.dry_run:
+        return {"arms": arms}
+    return {"arms": arms, "report": str(Path(a.run_dir) / "compare" / "report.md")}
+
+
+def run_stages(a: PipelineArgs, recipe: dict[str, Any]) -> dict[str, Any]:
+    """One pipeline (a recipe, or one arm of it) in its run directory."""
+    from zhtune.pipeline.report import write_report
+
     run_dir = Path(a.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(run_dir)
-    ledger.set_meta(recipe=cfg.to_dict()["pipeline"], base_model=a.model_name_or_path, variant=a.variant)
+    ledger.set_meta(
+        recipe=recipe, base_model=a.model_name_or_path, variant=a.variant or recipe.get("variant")
+    )
+    if recipe.get("arm"):
+        ledger.set_meta(arm=recipe["arm"], about=recipe.get("about"))
     state = State(model=a.model_name_or_path)
     previous, forced = "", False
     t_start = time.time()
@@ -269,7 +295,8 @@ def cli(argv: list[str] | None = None) -> int:
     data = main(cfg)
     a = cfg.pipeline
     if not a.dry_run:
-        print(f"\ndone: report in {Path(a.run_dir) / 'report' / 'report.md'}")
+        report = data.get("report") or Path(a.run_dir) / "report" / "report.md"
+        print(f"\ndone: report in {report}")
     return 0 if data else 1
 
 

@@ -190,6 +190,7 @@ def main(
         "resize": resize.to_dict() if resize else None,
         "data": dataclasses.asdict(report),
         "log_history": trainer.state.log_history,
+        "train_tokens": trainer.state.num_input_tokens_seen,  # not padding; the whole run, resumes included
     }
     fmt = ctx.chat_format(None) if ctx.tokenizer.chat_template else None
     ctx.finish(trainer, fmt, summary)

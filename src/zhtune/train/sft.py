@@ -63,6 +63,7 @@ def main(cfg: SftConfig | Config | dict[str, Any]) -> dict[str, Any]:
         "metrics": metrics,
         "data": report.__dict__,
         "log_history": trainer.state.log_history,
+        "train_tokens": trainer.state.num_input_tokens_seen,  # not padding; the whole run, resumes included
         "template": fmt.name,
     }
     ctx.finish(trainer, fmt, summary)

@@ -68,13 +68,45 @@ class CheckpointMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.guard.observe(loss, self.state.global_step + 1)  # on the device: no synchronisation
+        self._count_tokens(inputs)
         return loss
+
+    def _count_tokens(self, inputs: Any) -> None:
+        """Training tokens (not padding), summed on the device: read only when a log is written, so counting
+        costs no synchronisation per step (Trainer's own ``include_num_input_tokens_seen`` syncs every step;
+        when a run asks for it, it counts instead)."""
+        if self.args.include_num_input_tokens_seen != "no":
+            return
+        get = inputs.get if hasattr(inputs, "get") else lambda _: None
+        mask, ids = get("attention_mask"), get("input_ids")
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            n = mask.sum()
+        elif isinstance(ids, torch.Tensor):  # padding-free and packed rows: as Trainer counts them
+            n = (ids != pad).sum() if pad is not None else torch.tensor(ids.numel(), device=ids.device)
+        else:
+            return
+        pending = getattr(self, "_zh_tokens", None)
+        self._zh_tokens = n.detach().to(torch.int64) if pending is None else pending + n.detach()
+
+    def _flush_tokens(self) -> None:
+        pending = getattr(self, "_zh_tokens", None)
+        if pending is None:
+            return
+        self._zh_tokens = None
+        if self.accelerator.num_processes > 1:
+            pending = self.accelerator.gather(pending.reshape(1)).sum()
+        self.state.num_input_tokens_seen += int(pending.item())
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # training logs carry the guards' counters (skipped steps, fp16 loss scale)
             for cb in self.callback_handler.callbacks:
                 if hasattr(cb, "log_fields"):
                     logs.update(cb.log_fields())
+        if ("loss" in logs or "train_runtime" in logs) and self.args.include_num_input_tokens_seen == "no":
+            self._flush_tokens()  # the loss was just read from the device: no extra wait
+            if self.state.num_input_tokens_seen:  # (preference batches have no input_ids to count)
+                logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         super().log(logs, *args, **kwargs)
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
@@ -100,6 +132,7 @@ class CheckpointMixin:
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         self.guard.check(self.args.output_dir, f"before writing checkpoint-{self.state.global_step}")
+        self._flush_tokens()  # trainer_state.json carries the count, so a resumed run goes on from it
         folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
