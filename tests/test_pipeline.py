@@ -366,12 +366,17 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, tiny_llama_bpe):
     log = tmp_path / "first_run.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "zhtune", "pipeline", str(recipe)], env=env, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "zhtune", "pipeline", str(recipe)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
         sft_dir = tmp_path / "run" / "sft"
 
         def saved_steps():
-            return [int(p.name.rsplit("-", 1)[1]) for p in sft_dir.glob("checkpoint-*") if p.name[11:].isdigit()]
+            return [
+                int(p.name.rsplit("-", 1)[1]) for p in sft_dir.glob("checkpoint-*") if p.name[11:].isdigit()
+            ]
 
         deadline = time.time() + 300
         while max(saved_steps(), default=0) < 2 and proc.poll() is None and time.time() < deadline:
