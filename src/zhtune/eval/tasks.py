@@ -14,6 +14,9 @@ The conversation up to the last assistant turn is the prompt; that turn is the r
   sentence is likeliest is the prediction.
 * ``preference``: the file holds preference pairs instead (:mod:`zhtune.eval.preference`): the share of pairs
   whose chosen reply the model finds likelier than the rejected one, and the mean margin.
+* ``response``: what a person sees of the assistant (:mod:`zhtune.eval.quality`): bits per character of the
+  reference replies, and the share of greedy replies with a broken character or a repetition loop. Records
+  may be prompts without a reply, and ``builtin:zh_prompts`` names a fixed set of everyday Chinese prompts.
 
 Tasks scored on greedy replies also report how fast they were written (:mod:`zhtune.eval.greedy`): Chinese
 (Han) characters of the replies per second of generation (``chars_per_s``) and tokens generated per character
@@ -32,7 +35,7 @@ from zhtune.score.replies import item_counts, items, match, normalize  # noqa: F
 from zhtune.text.records import iter_json_records, to_messages
 from zhtune.text.templates import Message
 
-METRICS = ("labels", "exact", "contains", "f1", "cloze", "preference")
+METRICS = ("labels", "exact", "contains", "f1", "cloze", "preference", "response")
 MAX_LABELS = 50
 
 
@@ -78,6 +81,10 @@ def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions, engine: Any = No
         from zhtune.eval import preference
 
         return preference.evaluate(model, tok, fmt, opts)
+    if opts.metric == "response":
+        from zhtune.eval import quality
+
+        return quality.evaluate(model, tok, fmt, opts, engine)
     recs = read_items(opts.file, opts.max_samples)
     prompts = [with_system(m, opts.system_prompt) for _, m, _ in recs]
     refs = [r for _, _, r in recs]
