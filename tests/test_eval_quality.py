@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -242,6 +243,7 @@ output_dir: {tmp_path / "out"}
     assert (chats["n"], chats["scored"], chats["replies"]) == (2, 2, 1) and chats["response_bpc"] > 0
     assert chats["samples"][0]["reference"] == CHAT["messages"][-1]["content"]
     assert data["tasks"]["zh_prompts"]["file"] == "builtin:zh_prompts"
+    assert len(data["models"][name]["tokenizer"]) == 16
     md = (tmp_path / "out" / "eval_results.md").read_text(encoding="utf-8")
     assert "| chats | response bits/char |" in md and "| zh_prompts | repetitive replies |" in md
 
@@ -254,3 +256,68 @@ def test_cli_option_errors(tmp_path, capsys):
         "holds prompts without reference replies; score it with task_metric response"
         in capsys.readouterr().err
     )
+
+
+# ---- the pipeline report ----
+
+
+def test_pipeline_report_shows_quality_and_leaves_perplexity_of_other_tokenizers_out(
+    tmp_path, tiny_llama_sp, tiny_llama_bpe
+):
+    from conftest import make_tiny_model
+
+    from zhtune.eval.cli import main as evaluate
+    from zhtune.pipeline.report import NOT_COMPARABLE, write_report
+
+    same = make_tiny_model(tiny_llama_sp, tmp_path / "same", seed=1)
+    text = tmp_path / "news.txt"
+    text.write_text("人民日报发表新年讲话。\n北京是中国的首都。\n", encoding="utf-8")
+    chats = _jsonl(tmp_path / "chats.jsonl", [CHAT])
+    summary = evaluate(
+        {
+            "eval": {
+                "compare": [f"base={tiny_llama_sp}", f"same={same}", f"other={tiny_llama_bpe}"],
+                "max_new_tokens": 4,
+                "tasks": [
+                    {"name": "news", "text_files": [str(text)]},
+                    {"task_file": "builtin:zh_prompts", "task_metric": "response", "max_samples": 2},
+                    {"task_file": str(chats), "task_metric": "response", "sample_replies": 0},
+                ],
+            }
+        }
+    )
+
+    def report(models):
+        part = {
+            **summary,
+            "models": {m: summary["models"][m] for m in models},
+            "results": {m: summary["results"][m] for m in models},
+        }
+        run = tmp_path / "-".join(models)
+        data = {"base_model": "x", "stages": {"eval": {"command": "eval", "status": "done", "result": part}}}
+        return write_report(run, data, types.SimpleNamespace(report_text=None)).read_text(encoding="utf-8")
+
+    def row(md, task, metric):
+        return next(ln for ln in md.splitlines() if ln.startswith(f"| {task} | {metric} |"))
+
+    md = report(["base", "other"])
+    assert row(md, "news", "perplexity").endswith(f"| {NOT_COMPARABLE} |")
+    assert row(md, "news", "bits/char").endswith("% |")  # bits per character compares across tokenizers
+    assert row(md, "chats", "response bits/char").endswith("% |")  # per character too: compared
+    assert row(md, "zh_prompts", "replies with U+FFFD").endswith(" pt |")
+    assert row(md, "zh_prompts", "repetitive replies").endswith(" pt |")
+    # prompts alone have no reply bits/char; replies were not written for the chats
+    assert "| zh_prompts | response bits/char |" not in md and "| chats | repetitive replies |" not in md
+    for i, prompt in enumerate(quality.BUILTIN_PROMPTS["zh_prompts"][:2]):
+        line = row(md, "zh_prompts", prompt)  # the replies table: prompt, reference, each model's reply
+        replies = [summary["results"][m]["zh_prompts"]["samples"][i]["reply"] for m in ("base", "other")]
+        assert line.split(" | ")[2] == "-" and all(
+            r.replace("|", "\\|").replace("\n", "<br>") in line for r in replies
+        )
+    same_md = report(["base", "same"])
+    assert NOT_COMPARABLE not in same_md and row(same_md, "news", "perplexity").endswith("% |")
+    # results written before eval recorded tokenizers: as many tokens for the same text, or not
+    old = {**summary, "models": {m: {"model": "x"} for m in summary["models"]}}
+    from zhtune.pipeline.report import same_tokenizer
+
+    assert same_tokenizer(old, "news", "base", "same") and not same_tokenizer(old, "news", "base", "other")

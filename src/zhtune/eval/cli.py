@@ -366,6 +366,18 @@ def run_task(task: Task, engine: Any, replier: Any = None) -> dict[str, Any]:
     return tasks.evaluate(engine.model, engine.tok, engine.fmt, task.options, engine=replier)
 
 
+def tokenizer_digest(tok: Any) -> str:
+    """A short fingerprint of a tokenizer (vocabulary, merges, special tokens): models whose digests differ cut
+    text into different tokens, so their per-token figures (perplexity) do not compare."""
+    import hashlib
+    import json
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    text += json.dumps([str(tok.bos_token), str(tok.eos_token)])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 SECTIONS = {"model": ModelArgs, "eval": EvalArgs}
 
 
@@ -394,10 +406,12 @@ def main(cfg: Config | dict[str, Any], models: list[ModelSpec] | None = None) ->
         raise ConfigError("C-Eval's test split has no answers: pass --output_dir for the submission file")
     results: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
+    tokenizers: dict[str, str] = {}
     for spec in specs:
         t0 = time.time()
         print(f"[{spec.name}] loading {'+'.join([spec.model, *spec.adapters])}", flush=True)
         engine, replier = load_engines(spec, m, a, tasks)
+        tokenizers[spec.name] = tokenizer_digest(engine.tok)
         results[spec.name] = {}
         try:
             for task in tasks:
@@ -412,7 +426,13 @@ def main(cfg: Config | dict[str, Any], models: list[ModelSpec] | None = None) ->
         gc.collect()
     summary = {
         "models": {
-            s.name: {"model": s.model, "lora_models": s.adapters, "seconds": seconds[s.name]} for s in specs
+            s.name: {
+                "model": s.model,
+                "lora_models": s.adapters,
+                "seconds": seconds[s.name],
+                "tokenizer": tokenizers[s.name],
+            }
+            for s in specs
         },
         "tasks": {t.name: {"kind": t.kind, **dataclasses.asdict(t.options)} for t in tasks},
         "results": results,
