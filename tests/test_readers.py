@@ -34,6 +34,19 @@ def test_sharegpt_and_messages_and_vicuna_chat():
     assert a == b == c == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 
 
+def test_prompts_without_a_reply_for_evaluation():
+    user = [{"role": "user", "content": "q"}]
+    assert to_messages({"instruction": "q"}, reply=False)[1] == user
+    assert to_messages({"instruction": "q", "output": ""}, reply=False)[1] == user
+    assert to_messages({"conversations": [{"from": "human", "value": "q"}]}, reply=False)[1] == user
+    _, msgs = to_messages({"instruction": "q", "output": "a"}, reply=False)
+    assert msgs == [*user, {"role": "assistant", "content": "a"}]
+    with pytest.raises(ValueError, match="out-of-order turns"):  # the other checks still hold
+        to_messages({"messages": [{"role": "assistant", "content": "a"}]}, reply=False)
+    with pytest.raises(ValueError, match="empty assistant turn"):  # for training an empty output is an error
+        to_messages({"instruction": "q", "output": ""})
+
+
 @pytest.mark.parametrize(
     "rec, problem",
     [

@@ -12,10 +12,14 @@ Tasks (any number in one run; on the command line one of each kind, in a recipe 
   held-out People's Daily), scored by the likelihood of each filled sentence;
 * preference: ``--task_file pairs.jsonl --task_metric preference``: held-out chosen/rejected pairs, the share
   where the chosen reply is likelier (raw and per token) and the mean margin.
+* assistant quality: ``--task_file chats.jsonl --task_metric response``: bits per character of the reference
+  replies (encoded as SFT encodes them), and of greedy replies to the first ``--sample_replies`` prompts the
+  share with a broken character (U+FFFD) or a repetition loop; records may be prompts alone, and
+  ``--task_file builtin:zh_prompts`` is a fixed set of everyday Chinese prompts (:mod:`zhtune.eval.quality`).
 
 Models: ``--model_name_or_path`` (plus ``--lora_models`` in order), or ``--compare`` with entries
 ``[name=]model[+adapter[+adapter...]]`` where model is a directory, a .gguf file, a hub id or ``default``.
-Greedy replies (exact/contains/f1 tasks) come from transformers ``generate``, or from vLLM with
+Greedy replies (exact/contains/f1/response tasks) come from transformers ``generate``, or from vLLM with
 ``--backend vllm``; everything scored by logits runs in transformers.
 Results: a table on the terminal and ``eval_results.json`` (and ``eval_results.md``) in ``--output_dir``.
 """
@@ -85,20 +89,26 @@ class EvalArgs:
         None, "Window step for documents longer than --max_seq_length (default: half a window)."
     )
     task_file: str | None = field(
-        None, "Instruction records (Alpaca, ShareGPT, messages) whose last reply is the reference."
+        None,
+        "Instruction records (Alpaca, ShareGPT, messages) whose last reply is the reference; for "
+        "--task_metric response also prompts without a reply, or builtin:zh_prompts (10 everyday Chinese prompts).",
     )
-    task_metric: Literal["labels", "exact", "contains", "f1", "cloze", "preference"] = field(
+    task_metric: Literal["labels", "exact", "contains", "f1", "cloze", "preference", "response"] = field(
         "labels",
         "labels (likeliest of a label set); of the greedy reply: exact, contains, or f1 (items of structured "
         "answers such as 人名：甲；地名：乙); cloze (the file holds cloze items: text with a ____ blank, options, "
-        "answer); preference (the file holds chosen/rejected pairs: how often the chosen reply is likelier).",
+        "answer); preference (the file holds chosen/rejected pairs: how often the chosen reply is likelier); "
+        "response (bits per character of the reference replies, and the share of greedy replies to the first "
+        "--sample_replies prompts with a broken character or a repetition loop).",
     )
     labels: list[str] | None = field(None, "The label set (default: every distinct reference).")
     max_samples: int | None = field(None, "At most this many task records.")
-    max_new_tokens: int = field(64, "Longest greedy reply for exact/contains.")
+    max_new_tokens: int = field(64, "Longest greedy reply (exact, contains, f1, response, --sample_replies).")
     system_prompt: str | None = field(None, "System prompt for task records that have none.")
-    sample_replies: int = field(
-        0, "Keep the greedy replies to the first N task records (any metric): in the results and the report."
+    sample_replies: int | None = field(
+        None,
+        "Keep the greedy replies to the first N task records (any metric): in the results and the report. "
+        "Default 0; with --task_metric response 16, and only these N prompts are replied to.",
     )
     backend: Literal["generate", "vllm"] = field(
         "generate",
@@ -120,7 +130,7 @@ class EvalArgs:
             raise ConfigError(f"--shots must be >= 0, got {self.shots}")
         if self.max_seq_length < 16:
             raise ConfigError(f"--max_seq_length {self.max_seq_length} is too short")
-        if self.sample_replies < 0:
+        if self.sample_replies is not None and self.sample_replies < 0:
             raise ConfigError(f"--sample_replies must be >= 0, got {self.sample_replies}")
         if self.per_device_eval_batch_size <= 0:
             raise ConfigError("--per_device_eval_batch_size must be positive")
@@ -194,6 +204,27 @@ def _task_from(values: dict[str, Any], where: str) -> Task:
         if v["stride"] is not None and not 0 < v["stride"] < v["max_seq_length"]:
             raise ConfigError(f"{where}: --stride must be in (0, --max_seq_length)")
         name = v.get("name") or Path(v["text_files"][0]).stem
+    elif v["task_metric"] == "response":
+        from zhtune.eval.quality import DEFAULT_REPLIES, ResponseOptions, builtin_name
+
+        opts = ResponseOptions(
+            file=v["task_file"],
+            max_samples=v["max_samples"],
+            sample_replies=DEFAULT_REPLIES if v["sample_replies"] is None else v["sample_replies"],
+            max_new_tokens=v["max_new_tokens"],
+            system_prompt=v["system_prompt"],
+            **common,
+        )
+        try:
+            builtin = builtin_name(v["task_file"])
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        name = v.get("name") or builtin or Path(v["task_file"]).stem
+    elif v["task_file"].startswith("builtin:"):
+        raise ConfigError(
+            f"{where}: {v['task_file']} holds prompts without reference replies; score it with "
+            "task_metric response"
+        )
     elif v["task_metric"] == "preference":
         from zhtune.eval.preference import PreferenceOptions
 
@@ -213,7 +244,7 @@ def _task_from(values: dict[str, Any], where: str) -> Task:
             max_samples=v["max_samples"],
             max_new_tokens=v["max_new_tokens"],
             system_prompt=v["system_prompt"],
-            sample_replies=v["sample_replies"],
+            sample_replies=v["sample_replies"] or 0,
             batch_size=common["batch_size"],
         )
         name = v.get("name") or Path(v["task_file"]).stem
@@ -290,9 +321,17 @@ def load_model(
     return Engine.load(margs, eargs)
 
 
+GENERATED = ("exact", "contains", "f1")  # scored on greedy replies alone
+
+
 def generates(task: Task) -> bool:
-    """Whether a task is scored on greedy replies (exact/contains/f1) rather than on logits."""
-    return task.kind == "task" and task.options.metric != "labels"
+    """Whether a task writes greedy replies (exact/contains/f1/response)."""
+    return task.kind == "task" and task.options.metric in (*GENERATED, "response")
+
+
+def only_generates(task: Task) -> bool:
+    """Whether a task is scored on greedy replies alone, never on logits (exact/contains/f1)."""
+    return task.kind == "task" and task.options.metric in GENERATED
 
 
 def load_engines(spec: ModelSpec, m: ModelArgs, a: EvalArgs, tasks: list[Task]) -> tuple[Any, Any]:
@@ -300,7 +339,7 @@ def load_engines(spec: ModelSpec, m: ModelArgs, a: EvalArgs, tasks: list[Task]) 
     --backend vllm, the started vLLM engine that writes the greedy replies (else None)."""
     vllm = a.backend == "vllm" and any(generates(t) for t in tasks)
     batch = a.per_device_eval_batch_size
-    if vllm and all(generates(t) for t in tasks):
+    if vllm and all(only_generates(t) for t in tasks):
         engine = replier = load_model(spec, m, a.template, "vllm", batch)
     else:
         engine = load_model(spec, m, a.template)
@@ -325,6 +364,18 @@ def run_task(task: Task, engine: Any, replier: Any = None) -> dict[str, Any]:
     from zhtune.eval import tasks
 
     return tasks.evaluate(engine.model, engine.tok, engine.fmt, task.options, engine=replier)
+
+
+def tokenizer_digest(tok: Any) -> str:
+    """A short fingerprint of a tokenizer (vocabulary, merges, special tokens): models whose digests differ cut
+    text into different tokens, so their per-token figures (perplexity) do not compare."""
+    import hashlib
+    import json
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    text += json.dumps([str(tok.bos_token), str(tok.eos_token)])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 SECTIONS = {"model": ModelArgs, "eval": EvalArgs}
@@ -355,10 +406,12 @@ def main(cfg: Config | dict[str, Any], models: list[ModelSpec] | None = None) ->
         raise ConfigError("C-Eval's test split has no answers: pass --output_dir for the submission file")
     results: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
+    tokenizers: dict[str, str] = {}
     for spec in specs:
         t0 = time.time()
         print(f"[{spec.name}] loading {'+'.join([spec.model, *spec.adapters])}", flush=True)
         engine, replier = load_engines(spec, m, a, tasks)
+        tokenizers[spec.name] = tokenizer_digest(engine.tok)
         results[spec.name] = {}
         try:
             for task in tasks:
@@ -373,7 +426,13 @@ def main(cfg: Config | dict[str, Any], models: list[ModelSpec] | None = None) ->
         gc.collect()
     summary = {
         "models": {
-            s.name: {"model": s.model, "lora_models": s.adapters, "seconds": seconds[s.name]} for s in specs
+            s.name: {
+                "model": s.model,
+                "lora_models": s.adapters,
+                "seconds": seconds[s.name],
+                "tokenizer": tokenizers[s.name],
+            }
+            for s in specs
         },
         "tasks": {t.name: {"kind": t.kind, **dataclasses.asdict(t.options)} for t in tasks},
         "results": results,

@@ -56,7 +56,29 @@ def metric_rows(
                 yield task, "  predicted for submission", "{:d}", unanswered
 
 
+def _response_rows(task: str, res: list[dict]) -> Iterator[tuple[str, str, str, list[Any]]]:
+    """``--task_metric response``: reply bits per character (where the records have reference replies), broken
+    and looping greedy replies and their speed (where replies were written)."""
+    rows = [
+        ("response_bpc", "response bits/char", "{:.4f}"),
+        ("prompts_cut", "  prompts cut to fit", "{:d}"),
+        ("too_long", "  replies too long to score", "{:d}"),
+        ("fffd_share", "replies with U+FFFD", "pct"),
+        ("repetition_share", "repetitive replies", "pct"),
+        ("chars_per_s", "Han chars/s", "{:.1f}"),
+        ("tokens_per_char", "tokens/char", "{:.3f}"),
+    ]
+    for key, label, fmt in rows:
+        values = [r.get(key) for r in res]
+        # counts of cut prompts only when some are not 0; the other figures wherever they were measured
+        if any(values) if fmt == "{:d}" else any(v is not None for v in values):
+            yield task, label, fmt, values
+
+
 def _task_rows(task: str, metric: str, res: list[dict]) -> Iterator[tuple[str, str, str, list[Any]]]:
+    if metric == "response":
+        yield from _response_rows(task, res)
+        return
     label = {
         "labels": "accuracy", "cloze": "accuracy", "contains": "reply contains reference",
         "preference": "chosen likelier",
@@ -100,7 +122,7 @@ def results_table(summary: dict[str, Any], show_subjects: bool = False) -> str:
 
 
 def samples(summary: dict[str, Any]) -> Iterator[tuple[str, str, str, dict[str, str]]]:
-    """(task, prompt, reference, {model: reply}) for each sample reply kept (``--sample_replies``)."""
+    """(task, prompt, reference or None, {model: reply}) for each sample reply kept (``--sample_replies``)."""
     models = list(summary["results"])
     for task in summary["tasks"]:
         kept = [(m, (summary["results"][m].get(task) or {}).get("samples") or []) for m in models]
@@ -117,7 +139,8 @@ def samples_text(summary: dict[str, Any]) -> str:
     for task, prompt, ref, replies in samples(summary):
         out += ["", f"{task}: {prompt}"]
         out += [f"  {m:<{width}}  {r}" for m, r in replies.items()]
-        out.append(f"  {'reference':<{width}}  {ref}")
+        if ref is not None:  # prompts alone (--task_metric response) have none
+            out.append(f"  {'reference':<{width}}  {ref}")
     return "\n".join(out[1:])
 
 

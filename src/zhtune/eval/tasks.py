@@ -14,29 +14,29 @@ The conversation up to the last assistant turn is the prompt; that turn is the r
   sentence is likeliest is the prediction.
 * ``preference``: the file holds preference pairs instead (:mod:`zhtune.eval.preference`): the share of pairs
   whose chosen reply the model finds likelier than the rejected one, and the mean margin.
+* ``response``: what a person sees of the assistant (:mod:`zhtune.eval.quality`): bits per character of the
+  reference replies, and the share of greedy replies with a broken character or a repetition loop. Records
+  may be prompts without a reply, and ``builtin:zh_prompts`` names a fixed set of everyday Chinese prompts.
 
-Tasks scored on greedy replies also report how fast they were written: Chinese (Han) characters of the
-replies per second of generation (``chars_per_s``) and tokens generated per character of reply
-(``tokens_per_char``, the end-of-turn token included): what a vocabulary with Chinese words buys at inference.
+Tasks scored on greedy replies also report how fast they were written (:mod:`zhtune.eval.greedy`): Chinese
+(Han) characters of the replies per second of generation (``chars_per_s``) and tokens generated per character
+of reply (``tokens_per_char``, the end-of-turn token included).
 """
 
 from __future__ import annotations
 
-import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from zhtune.errors import DataError
+from zhtune.eval.greedy import Replies, generation_speed, greedy_replies, with_system
 from zhtune.score.replies import item_counts, items, match, normalize  # noqa: F401 - names of this module
 from zhtune.text.records import iter_json_records, to_messages
 from zhtune.text.templates import Message
 
-METRICS = ("labels", "exact", "contains", "f1", "cloze", "preference")
+METRICS = ("labels", "exact", "contains", "f1", "cloze", "preference", "response")
 MAX_LABELS = 50
-# Han characters: CJK unified ideographs, extension A, compatibility ideographs, extensions B and beyond
-HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
 
 
 @dataclass
@@ -70,26 +70,6 @@ def read_items(path: str | Path, max_samples: int | None = None) -> list[tuple[i
     return out
 
 
-def _with_system(msgs: list[Message], system: str | None) -> list[Message]:
-    if system and (not msgs or msgs[0]["role"] != "system"):
-        return [{"role": "system", "content": system}, *msgs]
-    return msgs
-
-
-def generation_speed(replies: list[str], tokens: int, seconds: float) -> dict[str, Any]:
-    """Han characters per second and tokens per character of greedy replies written in ``seconds``."""
-    chars = sum(len(r) for r in replies)
-    han = sum(len(HAN.findall(r)) for r in replies)
-    return {
-        "chars_per_s": han / seconds if seconds > 0 else float("nan"),
-        "tokens_per_char": tokens / chars if chars else float("nan"),
-        "han_chars": han,
-        "reply_chars": chars,
-        "reply_tokens": tokens,
-        "generation_s": seconds,
-    }
-
-
 def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions, engine: Any = None) -> dict[str, Any]:
     """Score one task file. ``engine``: a started engine for the greedy replies (default: transformers
     generate on ``model``)."""
@@ -101,8 +81,12 @@ def evaluate(model: Any, tok: Any, fmt: Any, opts: TaskOptions, engine: Any = No
         from zhtune.eval import preference
 
         return preference.evaluate(model, tok, fmt, opts)
+    if opts.metric == "response":
+        from zhtune.eval import quality
+
+        return quality.evaluate(model, tok, fmt, opts, engine)
     recs = read_items(opts.file, opts.max_samples)
-    prompts = [_with_system(m, opts.system_prompt) for _, m, _ in recs]
+    prompts = [with_system(m, opts.system_prompt) for _, m, _ in recs]
     refs = [r for _, _, r in recs]
     if opts.metric == "labels":
         out = _labels(model, tok, fmt, opts, recs, prompts, refs)
@@ -146,56 +130,6 @@ def _labels(model, tok, fmt, opts, recs, prompts, refs) -> dict[str, Any]:  # no
         "per_label": per_label,
         "predicted": {lab: pred.count(lab) for lab in labels},
     }
-
-
-@dataclass
-class Replies:
-    """Greedy replies, the tokens they took and the seconds spent writing them (after a warm-up reply)."""
-
-    texts: list[str]
-    tokens: int
-    seconds: float
-
-
-def greedy_replies(
-    model: Any, tok: Any, fmt: Any, prompts: list[list[Message]], opts: TaskOptions, engine: Any = None
-) -> Replies:
-    """The greedy reply to each prompt, in padded batches of ``opts.batch_size``, timed. ``engine``: a started
-    engine to use (default: transformers generate on ``model``, closed after)."""
-    if not prompts:
-        return Replies([], 0, 0.0)
-    from tqdm import tqdm
-
-    from zhtune.config.args import GenerationArgs
-    from zhtune.infer.engine import Engine, EngineArgs
-
-    own = engine is None
-    if own:
-        engine = Engine(model, tok, fmt, EngineArgs(max_batch_size=opts.batch_size))
-        engine.start("generate")  # greedy replies, prompts with the same settings in padded batches
-    g = GenerationArgs(max_new_tokens=opts.max_new_tokens, temperature=0.0, repetition_penalty=1.0)
-    try:
-        # one short reply first, so the timing leaves out the first call's setup
-        warm = engine.prompt_ids(prompts[0])
-        engine.submit(
-            engine.job(warm, g, max_new_tokens=engine.max_new_tokens(len(warm), 2, clamp=True))
-        ).run()
-        t0 = time.perf_counter()
-        jobs = []
-        for p in prompts:
-            ids = engine.prompt_ids(p)
-            n = engine.max_new_tokens(len(ids), g.max_new_tokens, clamp=True)
-            jobs.append(engine.submit(engine.job(ids, g, max_new_tokens=n)))
-        replies = []
-        for job in tqdm(jobs, desc="generating", leave=False, unit="reply"):
-            for _ in job:
-                pass
-            replies.append(job.reply().text.strip())
-        seconds = time.perf_counter() - t0
-    finally:
-        if own:
-            engine.close()
-    return Replies(replies, sum(job.reply().completion_tokens for job in jobs), seconds)
 
 
 def _generated(

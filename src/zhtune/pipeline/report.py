@@ -4,7 +4,10 @@
   bits per character before/after pre-training, final training loss);
 * tokenizer statistics: tokens per character of the base and every extended tokenizer on held-out text;
 * loss curves of every training stage;
-* every eval metric for every evaluated stage, side by side with the base model, and the change.
+* every eval metric for every evaluated stage, side by side with the base model, and the change; a change in
+  perplexity (a per-token figure) only between models with the same tokenizer;
+* the greedy replies an eval task kept (``sample_replies``; every reply of a ``response`` task, such as the
+  fixed prompts of ``builtin:zh_prompts``), each model's side by side.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+PER_TOKEN = ("perplexity",)  # figures per token: a different tokenizer makes them incomparable
+NOT_COMPARABLE = "not comparable (different tokenizers)"
 
 
 def _plt():
@@ -104,6 +109,16 @@ def _delta(fmt: str, base: Any, last: Any) -> str:
     return f"{100 * (last - base) / abs(base):+.1f}%"
 
 
+def same_tokenizer(summary: dict[str, Any], task: str, a: str, b: str) -> bool:
+    """Whether models ``a`` and ``b`` cut text into the same tokens: the same tokenizer digest (``zhtune eval``
+    records one per model), or in results without one, as many tokens for as many characters of the task."""
+    digests = [((summary.get("models") or {}).get(m) or {}).get("tokenizer") for m in (a, b)]
+    if all(digests):
+        return digests[0] == digests[1]
+    ra, rb = ((summary["results"].get(m) or {}).get(task) or {} for m in (a, b))
+    return (ra.get("tokens"), ra.get("chars")) == (rb.get("tokens"), rb.get("chars"))
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
@@ -119,7 +134,7 @@ def samples_section(summary: dict[str, Any]) -> list[str]:
     lines = ["Greedy replies:", "", "| task | prompt | reference | " + " | ".join(models) + " |"]
     lines.append("|---" * (3 + len(models)) + "|")
     for task, prompt, ref, replies in rows:
-        cells = [task, prompt, ref, *(replies.get(m, "-") for m in models)]
+        cells = [task, prompt, "-" if ref is None else ref, *(replies.get(m, "-") for m in models)]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return [*lines, ""]
 
@@ -135,7 +150,13 @@ def eval_section(summary: dict[str, Any], out: Path, name: str) -> list[str]:
     bars = []
     for task, metric, fmt, values in metric_rows(summary):
         row = [task, metric.strip(), *cells(fmt, values)]
-        if has_base:
+        if (
+            has_base
+            and metric.strip() in PER_TOKEN
+            and not same_tokenizer(summary, task, models[0], models[-1])
+        ):
+            row.append(NOT_COMPARABLE)
+        elif has_base:
             row.append(_delta(fmt, values[0], values[-1]))
         lines.append("| " + " | ".join(row) + " |")
         if not metric.startswith(" ") and metric not in ("perplexity", "tokens/char"):  # headline metrics
@@ -256,8 +277,10 @@ def write_report(run_dir: Path, data: dict[str, Any], args: Any) -> Path:
     if evals:
         lines += ["## Evaluation", ""]
         lines.append(
-            "bits/char: held-out text in bits per character (lower is better; comparable across tokenizers). "
-            "Accuracy changes are in points; other changes relative."
+            "bits/char: held-out text in bits per character (lower is better; comparable across tokenizers); "
+            "response bits/char: the same for reference replies. Perplexity is per token: its change is shown "
+            "only between models with the same tokenizer. Accuracy and share changes are in points; other "
+            "changes relative."
         )
         lines.append("")
         for name, rec in evals:

@@ -181,17 +181,19 @@ def detect_format(rec: Any) -> str:
     )
 
 
-def to_messages(rec: Any, *, check: bool = True) -> tuple[str, list[Message]]:
+def to_messages(rec: Any, *, check: bool = True, reply: bool = True) -> tuple[str, list[Message]]:
     """Normalise one record. Raises ValueError describing the problem.
 
     ``check=False`` skips the turn-order and empty-turn checks (data tools count those themselves).
+    ``reply=False`` accepts a prompt without its answer (evaluation prompts): an Alpaca record without an
+    output (or with an empty one), a ShareGPT or messages record ending with a user turn.
     """
     fmt = detect_format(rec)
     msgs: list[Message] = []
     if fmt == "alpaca":
         instruction = _text(rec, "instruction")
         inp = _text(rec, "input", required=False)
-        output = _text(rec, "output")
+        output = _text(rec, "output", required=reply)
         system = _text(rec, "system", required=False)
         if system:
             msgs.append({"role": "system", "content": system})
@@ -205,7 +207,9 @@ def to_messages(rec: Any, *, check: bool = True) -> tuple[str, list[Message]]:
                 raise ValueError(f"history[{j}] must be a [question, answer] pair of strings")
             msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
         prompt = f"{instruction}\n{inp}" if inp else instruction
-        msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        msgs.append({"role": "user", "content": prompt})
+        if reply or output:
+            msgs.append({"role": "assistant", "content": output})
     elif fmt == "sharegpt":
         conv = rec["conversations"]
         if not isinstance(conv, list):
@@ -251,7 +255,7 @@ def to_messages(rec: Any, *, check: bool = True) -> tuple[str, list[Message]]:
                 raise ValueError(f"turn {j}: input and output entries must be strings")
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     if check:
-        validate(msgs)
+        validate(msgs, for_training=reply)
     return fmt, msgs
 
 
