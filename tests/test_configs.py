@@ -110,11 +110,23 @@ def test_demo_pipeline_runs_the_whole_path():
     opts = {s.name: s.options for s in a.specs}
     assert opts["pt2"]["stage"] == "lora" and opts["data"]["continuation_train"] > 0
     assert opts["gguf"]["quant"] == "q8_0" and a.run_dir == "runs/demo-zh-quick"
-    assert {t["name"] for t in opts["eval"]["tasks"]} == {"news", "sentiment"}
+    assert {t["name"] for t in opts["eval"]["tasks"]} == {"news", "sentiment", "prompts"}
     full = build(SECTIONS, recipe=REPO / "configs" / "demo-zh" / "pipeline.yaml").pipeline  # stage 1 and NER
     assert [s.name for s in full.specs][3:5] == ["pt1", "pt2"]
     assert full.specs[3].options["stage"] == "embeddings"
-    assert {t["name"] for t in full.specs[-1].options["tasks"]} == {"news", "sentiment", "ner"}
+    assert {t["name"] for t in full.specs[-1].options["tasks"]} == {"news", "sentiment", "ner", "prompts"}
+    arms = dict(
+        build(
+            SECTIONS,
+            recipe=REPO / "configs" / "demo-zh" / "pipeline.yaml",
+            overrides={"quick": True, "compare": ["all"]},
+        ).pipeline.arm_runs
+    )
+    assert [s.name for s in arms["plain"].specs] == ["data", "sft", "merged", "gguf", "eval"]
+    # plain LoRA, as other toolkits train it
+    assert arms["plain"].specs[1].options.get("modules_to_save") is None
+    assert [s.name for s in arms["pt"].specs] == ["data", "pt2", "sft", "merged", "gguf", "eval"]
+    assert [s.name for s in arms["full"].specs] == [s.name for s in a.specs]
 
 
 def _sft(rel):

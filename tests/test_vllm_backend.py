@@ -95,10 +95,10 @@ def run_all(engine: Engine, chats: list, g: GenerationArgs) -> list:
     return jobs
 
 
-def reference(model_dir: Path, chats: list, g: GenerationArgs, **kw) -> list:
-    """The same conversations through transformers generate, one at a time (no padding), without the UTF-8 guard
-    (zhtune.infer.utf8), which the vLLM backend does not apply: a tiny random model breaks characters often."""
-    with no_utf8_guard():
+def reference(model_dir: Path, chats: list, g: GenerationArgs, *, guard: bool = True, **kw) -> list:
+    """The same conversations through transformers generate, one at a time (no padding), with the UTF-8 guard
+    (zhtune.infer.utf8) as the vLLM backend applies it, or without (``guard=False``)."""
+    with contextlib.nullcontext() if guard else no_utf8_guard():
         engine = load(model_dir, "generate", **kw)
         engine.args.max_batch_size = 1
         engine.start("generate")
@@ -110,7 +110,7 @@ def reference(model_dir: Path, chats: list, g: GenerationArgs, **kw) -> list:
 
 @contextlib.contextmanager
 def no_utf8_guard() -> Iterator[None]:
-    """transformers' backends as the vLLM backend decodes: no tokens masked for breaking a UTF-8 character."""
+    """transformers' backends with no tokens masked for breaking a UTF-8 character."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Utf8Guard, "for_tokenizer", classmethod(lambda cls, tok, always=(): None))
         yield
@@ -157,6 +157,22 @@ def test_greedy_replies_match_transformers_token_for_token(engine, tiny):
     assert len(set(outs)) == len(outs) and all(len(set(o)) >= 4 for o in outs)
     # the context is what the KV cache holds (16384 tokens by default on a CPU), not the model's 32768
     assert engine.context_length == 16384 and engine.backend.name == "vllm"
+
+
+def test_the_utf8_guard_runs_in_vllm_as_in_transformers(engine, tiny, monkeypatch):
+    """Requests that name the guard's tables are masked in vLLM's sampler exactly as transformers masks them:
+    no broken character; requests that do not are left alone, and then break characters as transformers
+    does without the guard (a tiny random model emits stray bytes often)."""
+    g = GenerationArgs(max_new_tokens=40, **GREEDY)
+    assert engine.backend.utf8_tables and Path(engine.backend.utf8_tables).is_file()
+    guarded = run_all(engine, CHATS, g)
+    assert not any("\ufffd" in j.reply().text for j in guarded)
+    assert [j.token_ids() for j in guarded] == [j.token_ids() for j in reference(tiny, CHATS, g)]
+    monkeypatch.setattr(engine.backend, "utf8_tables", None)
+    bare = run_all(engine, CHATS, g)
+    assert [j.token_ids() for j in bare] == [j.token_ids() for j in reference(tiny, CHATS, g, guard=False)]
+    assert any("\ufffd" in j.reply().text for j in bare), "this model never breaks a character: no test"
+    assert [j.token_ids() for j in bare] != [j.token_ids() for j in guarded]
 
 
 def test_sampling_settings(engine, tiny):
@@ -372,8 +388,7 @@ def test_eval_greedy_replies_through_vllm(tmp_path, tiny):
     opts.update(task_metric="exact", max_new_tokens=8)
     got = {}
     for backend in ("vllm", "generate"):
-        with no_utf8_guard():  # as reference()
-            (results,) = main({**opts, "backend": backend})["results"].values()
+        (results,) = main({**opts, "backend": backend})["results"].values()
         timed = ("chars_per_s", "generation_s")  # timings differ run to run; everything else is the same
         got[backend] = {k: v for k, v in results["task"].items() if k not in timed}
     assert got["vllm"] == got["generate"]

@@ -12,7 +12,9 @@ to add the model's own eos). A job its consumer cancels (a client that went away
 request task, which aborts the request in vLLM and frees its KV blocks.
 
 Sampling runs in vLLM's sampler: greedy at temperature 0, else temperature, top-k and top-p, with the
-repetition penalty and a per-request seed. Beam search is refused with a pointer to ``--backend generate``.
+repetition penalty and a per-request seed, after the UTF-8 guard the transformers backends apply
+(:mod:`zhtune.infer.vllm_utf8`: tokens that would break a character are masked), so every backend writes the
+same greedy replies. Beam search is refused with a pointer to ``--backend generate``.
 On a CPU the KV cache gets ``--kv_cache_tokens`` (16384 by default, as continuous batching) instead of a
 share of all memory, and the model runs eagerly (no compile at start).
 
@@ -27,6 +29,7 @@ import asyncio
 import atexit
 import logging
 import signal
+import tempfile
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -84,8 +87,9 @@ def engine_args(
     return kw
 
 
-def sampling_params(job: Job) -> Any:
-    """vLLM's SamplingParams for a job: its settings, its stop tokens, token deltas out."""
+def sampling_params(job: Job, utf8_tables: str | None = None) -> Any:
+    """vLLM's SamplingParams for a job: its settings, its stop tokens, token deltas out; ``utf8_tables``: the
+    UTF-8 guard's tables (:func:`zhtune.infer.vllm_utf8.save_tables`) for the logits processor."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -102,6 +106,7 @@ def sampling_params(job: Job) -> Any:
         ignore_eos=True,  # stop where the other backends stop: at the engine's stop tokens only
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
+        extra_args={"zhtune_utf8_tables": utf8_tables} if utf8_tables else None,
     )
 
 
@@ -139,9 +144,11 @@ class VllmBackend:
         config: Any,
         stop_ids: Sequence[int],
         *,
+        tokenizer: Any = None,
         max_batch_size: int = 32,
         kv_cache_tokens: int | None = None,
     ):
+        """``tokenizer``: the served tokenizer, whose token bytes the UTF-8 guard reads (None: no guard)."""
         require("vllm", "--backend vllm")
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
@@ -157,6 +164,12 @@ class VllmBackend:
         )
         self.capacity_tokens: int = kw["max_model_len"]
         self.stop_ids = list(stop_ids)
+        self._tmp = tempfile.TemporaryDirectory(prefix="zhtune-vllm-")
+        self.utf8_tables = self._utf8_tables(tokenizer)
+        if self.utf8_tables:
+            from zhtune.infer.vllm_utf8 import FQCN
+
+            kw["logits_processors"] = [FQCN]
         self._lora = None
         if model.lora:
             from vllm.lora.request import LoRARequest
@@ -182,8 +195,18 @@ class VllmBackend:
         except BaseException:
             restore_signals(self._signals)
             self._stop_loop()
+            self._tmp.cleanup()
             raise
         atexit.register(self.close)
+
+    def _utf8_tables(self, tokenizer: Any) -> str | None:
+        if tokenizer is None:
+            return None
+        from zhtune.infer.utf8 import Utf8Guard
+        from zhtune.infer.vllm_utf8 import save_tables
+
+        guard = Utf8Guard.for_tokenizer(tokenizer, always=self.stop_ids)
+        return save_tables(guard, self._tmp.name) if guard is not None else None
 
     @staticmethod
     async def _create(args: Any) -> Any:
@@ -228,7 +251,7 @@ class VllmBackend:
             reason = None
             prompt = TokensPrompt(prompt_token_ids=job.prompt_ids)
             async for out in self.engine.generate(
-                prompt, sampling_params(job), request_id=job.id, lora_request=self._lora
+                prompt, sampling_params(job, self.utf8_tables), request_id=job.id, lora_request=self._lora
             ):
                 done = out.outputs[0]
                 if done.token_ids:
@@ -269,3 +292,4 @@ class VllmBackend:
         except Exception as e:  # noqa: BLE001 - shutting down anyway
             log.warning("vLLM did not shut down cleanly: %s", e)
         self._stop_loop()
+        self._tmp.cleanup()

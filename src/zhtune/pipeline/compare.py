@@ -82,7 +82,7 @@ def combined(arms: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def _better(fmt: str, metric: str) -> int:
     """+1 when higher is better, -1 when lower is, 0 when the metric is not a score (counts, speeds)."""
-    if metric.strip() in ("bits/char", "response bits/char", "U+FFFD share", "repetition share"):
+    if metric.strip() in ("bits/char", "response bits/char", "replies with U+FFFD", "repetitive replies"):
         return -1
     if metric.strip() in ("perplexity", "tokens/char", "Han chars/s") or metric.startswith(" "):
         return 0
