@@ -278,3 +278,42 @@ def test_a_pipeline_run_shows_its_stages_report_and_eval(studio):
     assert result["columns"] == ["pipe/eval/base", "pipe/eval/sft"]
     bpc = next(r for r in result["rows"] if r["metric"] == "bits/char")
     assert bpc["task"] == "heldout" and all(float(x) > 0 for x in bpc["cells"])
+
+
+def test_preference_tuning_runs_from_the_page_on_an_sft_run(studio):
+    """SFT, then DPO (sigmoid loss) continuing its adapter, both started as the page starts them: the DPO run
+    is the real ``zhtune dpo``, its log shows the loss and reward margins, and its output is the aligned
+    adapter that merge and chat open."""
+    from pref_helpers import write_pairs
+
+    write_pairs(studio.ws.root / "data" / "pairs.jsonl", n=6)
+    start(studio, "sft", "sft", sft_values(max_steps="2"))
+    assert wait(studio.runs, "sft", ("finished", "failed"))["state"] == "finished"
+    values = {
+        "model": {"model_name_or_path": "models/tiny"},
+        "data": {"train_files": "data/pairs.jsonl", "max_seq_length": "64"},
+        "lora": {"peft_path": "runs/sft/out"},
+        "pref": {"loss": "dpo", "beta": "0.1"},
+        "train": {
+            "per_device_train_batch_size": "2",
+            "logging_steps": "1",
+            "report_to": "none",
+            "max_steps": "2",
+        },
+    }
+    st = start(studio, "aligned", "dpo", values)
+    assert (
+        st["display"] == "zhtune dpo runs/aligned/recipe.yaml"
+        and "--peft_path runs/sft/out" in st["command_line"]
+    )
+    st = wait(studio.runs, "aligned", ("finished", "failed"))
+    assert st["state"] == "finished", read_log(studio.runs, "aligned").error()
+    reader = read_log(studio.runs, "aligned")
+    assert [p["step"] for p in reader.loss_points()] == [1, 2]
+    log = studio.runs.log_path("aligned").read_text(encoding="utf-8", errors="replace")
+    assert log.count("'rewards/margins'") >= 2  # logged every step, beside the loss
+    out = studio.ws.root / "runs" / "aligned" / "out"
+    assert (out / "adapter_config.json").is_file() and (out / "loss_curve.png").is_file()
+    assert details(studio, "aligned")["model"] == {"model": "models/tiny", "adapters": ["runs/aligned/out"]}
+    with pytest.raises(ConfigError, match="loss"):
+        start(studio, "bad", "dpo", {**values, "pref": {"loss": "nope"}})
