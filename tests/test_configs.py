@@ -115,13 +115,14 @@ def test_demo_pipeline_runs_the_whole_path():
     assert [s.name for s in full.specs][3:5] == ["pt1", "pt2"]
     assert full.specs[3].options["stage"] == "embeddings"
     assert {t["name"] for t in full.specs[-1].options["tasks"]} == {"news", "sentiment", "ner", "prompts"}
-    arms = dict(
-        build(
+    arms = {
+        name: arm
+        for name, _, arm in build(
             SECTIONS,
             recipe=REPO / "configs" / "demo-zh" / "pipeline.yaml",
             overrides={"quick": True, "compare": ["all"]},
         ).pipeline.arm_runs
-    )
+    }
     assert [s.name for s in arms["plain"].specs] == ["data", "sft", "merged", "gguf", "eval"]
     # plain LoRA, as other toolkits train it
     assert arms["plain"].specs[1].options.get("modules_to_save") is None

@@ -54,15 +54,15 @@ def arms_recipe(tmp_path: Path, model: Path) -> dict:
 def test_arms_are_checked_before_anything_runs(tmp_path, tiny_llama_bpe):
     cfg = arms_recipe(tmp_path, tiny_llama_bpe)
     a = build(recipe_mod.SECTIONS, {**cfg, "compare": ["all"]}).pipeline
-    assert [n for n, _ in a.arm_runs] == ["plain", "pt", "full"]
-    plain = dict(a.arm_runs)["plain"]
+    assert [(n, s) for n, s, _ in a.arm_runs] == [("plain", None), ("pt", None), ("full", None)]
+    plain = {n: arm for n, _, arm in a.arm_runs}["plain"]
     assert [s.name for s in plain.specs] == ["data", "sft", "merged", "eval"]
     assert plain.run_dir == str(tmp_path / "run" / "arms" / "plain")
     eval_opts = plain.specs[-1].options
     assert eval_opts["models"] == ["merged"]  # the skipped pt left eval's models
     assert (
         plain.specs[1].options["max_steps"] == 1
-        and dict(a.arm_runs)["full"].specs[4].options["max_steps"] == 2
+        and {n: arm for n, _, arm in a.arm_runs}["full"].specs[4].options["max_steps"] == 2
     )
     for bad, msg in [
         ({"compare": ["nope"]}, "no such arm"),
@@ -81,7 +81,7 @@ def test_a_variant_that_skips_a_stage_leaves_arms_that_name_it_valid(tmp_path, t
     cfg["variants"] = {"short": {"skip": ["pt"], "stages": {"sft": {"max_steps": 4}}}}
     cfg["arms"]["pt"]["stages"] = {"pt": {"max_steps": 5}}
     a = build(recipe_mod.SECTIONS, {**cfg, "compare": ["all"], "variant": "short"}).pipeline
-    arms = dict(a.arm_runs)
+    arms = {n: arm for n, _, arm in a.arm_runs}
     assert [s.name for s in arms["pt"].specs] == ["data", "sft", "merged", "eval"]
     assert arms["full"].specs[3].options["max_steps"] == 4  # the variant's options stay under the arm's
     assert arms["plain"].specs[1].options["max_steps"] == 1
@@ -113,7 +113,7 @@ def test_compare_runs_every_arm_and_writes_one_report(tmp_path, tiny_llama_bpe):
     assert arms["full"]["train_tokens"] > arms["plain"]["train_tokens"]
     assert "unequal token counts" in report
     # one column per arm's merged model beside the base, a best column, a plot
-    cols = list(data["compared"]["results"])
+    cols = list(data["compared"]["news / bits/char"])
     assert cols == ["base", "plain (merged)", "pt (merged)", "full (merged)"]
     assert "| news | bits/char |" in report and "| sentiment | accuracy |" in report
     accuracy = next(line for line in report.splitlines() if line.startswith("| sentiment | accuracy |"))
@@ -161,7 +161,73 @@ def test_the_comparison_of_arms_that_read_different_data_says_so(tmp_path):
             }
         }
         (d / "pipeline_state.json").write_text(json.dumps(state), encoding="utf-8")
-    text = write_comparison(tmp_path / "run", ["a", "b"]).read_text(encoding="utf-8")
+    text = write_comparison(tmp_path / "run", [("a", None), ("b", None)]).read_text(encoding="utf-8")
     assert "data files differ" in text and "unequal token counts" in text
     summaries = [arm_summary(n, {}, None) for n in ("x", "y")]
     assert combined(summaries) is None and summaries[0]["train_tokens"] is None
+
+
+def test_seeds_run_each_arm_once_per_training_seed(tmp_path, tiny_llama_bpe):
+    cfg = arms_recipe(tmp_path, tiny_llama_bpe)
+    a = build(recipe_mod.SECTIONS, {**cfg, "compare": ["plain", "full"], "seeds": [3, 4]}).pipeline
+    assert [(n, s) for n, s, _ in a.arm_runs] == [("plain", 3), ("plain", 4), ("full", 3), ("full", 4)]
+    full4 = a.arm_runs[-1][2]
+    assert full4.run_dir == str(tmp_path / "run" / "arms" / "full" / "seed-4")
+    seeds = {s.name: s.options.get("seed") for s in full4.specs}
+    assert seeds == {
+        "data": None,
+        "vocab": None,
+        "tokenizer": None,
+        "pt": 4,
+        "sft": 4,
+        "merged": None,
+        "eval": None,
+    }
+    for bad in ({"seeds": [1, 2]}, {"compare": ["all"], "seeds": [1, 1]}, {"compare": ["all"], "seeds": []}):
+        with pytest.raises(ConfigError, match="--seeds"):
+            build(recipe_mod.SECTIONS, {**cfg, **bad})
+
+
+def _state(acc: float, bpc: float, tokens: int) -> dict:
+    """A finished arm's pipeline_state.json with one eval stage (base and merged) and one training stage."""
+    summary = {
+        "tasks": {"news": {"kind": "text"}, "sentiment": {"kind": "task", "metric": "labels"}},
+        "results": {
+            "base": {"news": {"bpc": 8.0}, "sentiment": {"accuracy": 0.5}},
+            "merged": {"news": {"bpc": bpc}, "sentiment": {"accuracy": acc}},
+        },
+    }
+    return {
+        "stages": {
+            "sft": {"command": "sft", "status": "done", "seconds": 10.0, "result": {"train_tokens": tokens}},
+            "eval": {"command": "eval", "status": "done", "seconds": 1.0, "result": summary},
+        }
+    }
+
+
+def test_the_report_gives_mean_and_spread_over_seeds(tmp_path):
+    from zhtune.pipeline.compare import write_comparison
+
+    runs = {
+        ("plain", 1): (0.70, 6.0),
+        ("plain", 2): (0.80, 6.2),
+        ("full", 1): (0.76, 5.0),
+        ("full", 2): (0.78, 5.4),
+    }
+    for (arm, seed), (acc, bpc) in runs.items():
+        d = tmp_path / "run" / "arms" / arm / f"seed-{seed}"
+        d.mkdir(parents=True)
+        (d / "pipeline_state.json").write_text(json.dumps(_state(acc, bpc, 1000)), encoding="utf-8")
+    text = write_comparison(tmp_path / "run", list(runs)).read_text(encoding="utf-8")
+    assert "once per training seed (1, 2)" in text and "2 of 2 done" in text
+    acc = next(x for x in text.splitlines() if x.startswith("| sentiment | accuracy |")).split("|")
+    # plain: 75.0% ± 7.1 (sample std of 70, 80); full: 77.0% ± 1.4; the base is the same in every seed
+    assert [c.strip() for c in acc[3:7]] == ["50.0% ± 0.0", "75.0% ± 7.1", "77.0% ± 1.4", "full"]
+    bpc = next(x for x in text.splitlines() if x.startswith("| news | bits/char |")).split("|")
+    assert [c.strip() for c in bpc[4:7]] == ["6.1000 ± 0.1414", "5.2000 ± 0.2828", "full"]
+    data = json.loads((tmp_path / "run" / "compare" / "arms.json").read_text(encoding="utf-8"))
+    assert data["seeds"] == [1, 2] and data["compared"]["sentiment / accuracy"]["plain (merged)"] == [
+        0.7,
+        0.8,
+    ]
+    assert (tmp_path / "run" / "compare" / "arms.png").is_file()

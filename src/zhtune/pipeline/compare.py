@@ -89,43 +89,103 @@ def _better(fmt: str, metric: str) -> int:
     return 1 if fmt == "pct" or metric.strip() in ("F1", "accuracy") else 0
 
 
-def _fmt_tokens(n: int | None) -> str:
+def _fmt_tokens(n: float | None) -> str:
     if not n:
         return "-"
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(round(n))
 
 
-def write_comparison(run_dir: Path, names: list[str], compare_model: str | None = None) -> Path:
+def _spread(values: list[Any]) -> tuple[float | None, float | None, int]:
+    """(mean, sample standard deviation or None for one value, count) of the finite numbers in ``values``."""
+    xs = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not xs:
+        return None, None, 0
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+    return mean, std, len(xs)
+
+
+def _cell(fmt: str, values: list[Any]) -> str:
+    from zhtune.eval.report import cells
+
+    mean, std, n = _spread(values)
+    if mean is None or std is None:
+        return cells(fmt, [mean])[0]
+    if fmt == "pct":
+        return f"{100 * mean:.1f}% ± {100 * std:.1f}"
+    if fmt == "{:d}":
+        return f"{mean:.1f} ± {std:.1f}"
+    return f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+
+def _metrics(by_arm: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[tuple, tuple[str, list]]]:
+    """Columns (base, then each arm's compared model) and, per (task, metric), its format and every column's
+    values over the seeds."""
+    from zhtune.eval.report import metric_rows
+
+    n = max(len(v) for v in by_arm.values())
+    columns: list[str] = []
+    rows: dict[tuple, tuple[str, list]] = {}
+    for k in range(n):  # the k-th seed of every arm
+        summary = combined([runs[k] for runs in by_arm.values() if k < len(runs)])
+        if not summary:
+            continue
+        for col in summary["results"]:
+            if col not in columns:
+                columns.insert(0 if col == "base" else len(columns), col)
+        for task, metric, fmt, values in metric_rows(summary):
+            _, per_col = rows.setdefault((task, metric), (fmt, []))
+            for col, v in zip(summary["results"], values):
+                per_col.append((col, v))
+    return columns, {key: (fmt, [[v for c, v in got if c == col] for col in columns]) for key, (fmt, got) in
+                     rows.items()}  # fmt: skip
+
+
+def write_comparison(
+    run_dir: Path, runs: list[tuple[str, int | None]], compare_model: str | None = None
+) -> Path:
+    """The report of the arms ``runs`` ((arm, seed or None) each) under ``run_dir``/arms."""
     from zhtune.atomic import atomic_write_text
-    from zhtune.eval.report import cells, metric_rows
-    from zhtune.pipeline.report import _cell, _fmt_s, _plt, _save
+    from zhtune.pipeline.report import _cell as md
+    from zhtune.pipeline.report import _fmt_s, _plt, _save
 
     out = run_dir / "compare"
     out.mkdir(parents=True, exist_ok=True)
-    arms = []
-    for name in names:
-        f = run_dir / "arms" / name / "pipeline_state.json"
+    by_arm: dict[str, list[dict[str, Any]]] = {}
+    for name, seed in runs:
+        d = run_dir / "arms" / name / (f"seed-{seed}" if seed is not None else "")
+        f = d / "pipeline_state.json"
         state = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-        arms.append(arm_summary(name, state, compare_model))
+        by_arm.setdefault(name, []).append({**arm_summary(name, state, compare_model), "seed": seed})
+    seeds = sorted({s for _, s in runs if s is not None})
     lines = [f"# Arms compared: {run_dir.name}", ""]
+    if seeds:
+        lines += [f"Each arm ran once per training seed ({', '.join(map(str, seeds))}); a cell is the mean ± the "
+                  "sample standard deviation over the seeds that finished.", ""]  # fmt: skip
     lines += ["| arm | stages | compared model | training tokens | training time | all stages | status |"]
     lines += ["|---|---|---|---:|---:|---:|---|"]
-    for a in arms:
-        about = f" ({_cell(a['about'])})" if a["about"] else ""
+    for name, group in by_arm.items():
+        a = group[0]
+        about = f" ({md(a['about'])})" if a["about"] else ""
+        tokens, _, _ = _spread([g["train_tokens"] for g in group])
+        train_s, _, _ = _spread([g["train_seconds"] for g in group])
+        all_s, _, _ = _spread([g["stage_seconds"] for g in group])
+        done = sum(g["done"] for g in group)
+        status = ("done" if done else "not finished") if len(group) == 1 else f"{done} of {len(group)} done"
         lines.append(
-            f"| {a['arm']}{about} | {', '.join(a['stages']) or '-'} | {a['model'] or '-'} | "
-            f"{_fmt_tokens(a['train_tokens'])} | {_fmt_s(a['train_seconds'])} | {_fmt_s(a['stage_seconds'])} | "
-            f"{'done' if a['done'] else 'not finished'} |"
+            f"| {name}{about} | {', '.join(a['stages']) or '-'} | {a['model'] or '-'} | {_fmt_tokens(tokens)} | "
+            f"{_fmt_s(train_s)} | {_fmt_s(all_s)} | {status} |"
         )
     lines.append("")
-    tokens = [a["train_tokens"] for a in arms if a["train_tokens"]]
+    tokens = [t for g in by_arm.values() for t in [_spread([x["train_tokens"] for x in g])[0]] if t]
     if len(tokens) > 1 and max(tokens) > (1 + MATCHED) * min(tokens):
         lines += [
             f"The arms trained on unequal token counts ({_fmt_tokens(min(tokens))} to {_fmt_tokens(max(tokens))}):"
             " a difference between them is also a difference in training budget.",
             "",
         ]
-    digests = {json.dumps(a["data"], sort_keys=True) for a in arms if a["data"]}
+    every = [a for g in by_arm.values() for a in g]
+    digests = {json.dumps(a["data"], sort_keys=True) for a in every if a["data"]}
     if len(digests) > 1:
         lines += [
             "**The arms' data files differ** (their digests are in arms.json): they are not comparable.",
@@ -133,24 +193,24 @@ def write_comparison(run_dir: Path, names: list[str], compare_model: str | None 
         ]
     elif digests:
         lines += ["Every arm read the same data files (same SHA-256 digests).", ""]
-    summary = combined(arms)
+    columns, metrics = _metrics(by_arm) if any(a["results"] is not None for a in every) else ([], {})
     bars = []
-    if summary:
-        models = list(summary["results"])
-        lines += ["## Held-out evaluation", "", "| task | metric | " + " | ".join(models) + " | best |"]
-        lines.append("|---|---|" + "---:|" * len(models) + "---|")
-        for task, metric, fmt, values in metric_rows(summary):
+    if metrics:
+        lines += ["## Held-out evaluation", "", "| task | metric | " + " | ".join(columns) + " | best |"]
+        lines.append("|---|---|" + "---:|" * len(columns) + "---|")
+        for (task, metric), (fmt, per_col) in metrics.items():
             sign = _better(fmt, metric)
+            means = [_spread(v)[0] for v in per_col]
+            arm_means = [(c, m) for c, m in zip(columns, means) if c != "base" and m is not None]
             best = "-"
-            arm_vals = [(m, v) for m, v in zip(models, values) if m != "base"]
-            arm_vals = [(m, v) for m, v in arm_vals if isinstance(v, (int, float)) and math.isfinite(v)]
-            if sign and len(arm_vals) > 1:
-                top = max(sign * v for _, v in arm_vals)
-                winners = [m.split(" (")[0] for m, v in arm_vals if sign * v >= top - 1e-12]
+            if sign and len(arm_means) > 1:
+                top = max(sign * m for _, m in arm_means)
+                winners = [c.split(" (")[0] for c, m in arm_means if sign * m >= top - 1e-12]
                 best = winners[0] if len(winners) == 1 else "tie"
-            lines.append(f"| {task} | {metric.strip()} | " + " | ".join(cells(fmt, values)) + f" | {best} |")
+            row = " | ".join(_cell(fmt, v) for v in per_col)
+            lines.append(f"| {task} | {metric.strip()} | {row} | {best} |")
             if sign and not metric.startswith(" "):
-                bars.append((f"{task}: {metric.strip()}", fmt, values))
+                bars.append((f"{task}: {metric.strip()}", fmt, per_col))
         lines += [
             "",
             "bits/char: held-out text in bits per character, lower is better and comparable across tokenizers; "
@@ -162,26 +222,32 @@ def write_comparison(run_dir: Path, names: list[str], compare_model: str | None 
         cols = min(3, len(bars))
         rows = math.ceil(len(bars) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), dpi=100, squeeze=False)
-        models = list(summary["results"])
-        for ax, (title, fmt, values) in zip(axes.flat, bars):
-            vals = [
-                (100 * v if fmt == "pct" else v) if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
-                for v in values
-            ]
-            colors = ["#999999" if m == "base" else "#3b7dd8" for m in models]
-            ax.bar(range(len(models)), vals, color=colors)
-            ax.set_xticks(range(len(models)), [m.split(" (")[0] for m in models], rotation=30, fontsize=8)
+        scale = lambda fmt, x: (100 * x if fmt == "pct" else x) if x is not None else 0.0  # noqa: E731
+        for ax, (title, fmt, per_col) in zip(axes.flat, bars):
+            stats = [_spread(v) for v in per_col]
+            ax.bar(
+                range(len(columns)),
+                [scale(fmt, m) for m, _, _ in stats],
+                yerr=[scale(fmt, sd) if sd is not None else 0.0 for _, sd, _ in stats],
+                color=["#999999" if c == "base" else "#3b7dd8" for c in columns],
+                capsize=3,
+            )
+            ax.set_xticks(range(len(columns)), [c.split(" (")[0] for c in columns], rotation=30, fontsize=8)
             ax.set_title(title, fontsize=9)
             ax.grid(axis="y", alpha=0.3)
         for ax in list(axes.flat)[len(bars) :]:
             ax.axis("off")
         _save(fig, out / "arms.png")
         lines += ["![arms](arms.png)", ""]
-    lines += ["Each arm's own report: " + ", ".join(f"`arms/{a['arm']}/report/report.md`" for a in arms), ""]
+    own = [f"`{a['arm']}" + (f"/seed-{a['seed']}" if a["seed"] is not None else "") + "/report/report.md`"
+           for a in every]  # fmt: skip
+    lines += ["Each run's own report, under `arms/`: " + ", ".join(own), ""]
+    compared = {f"{k[0]} / {k[1].strip()}": dict(zip(columns, v[1])) for k, v in metrics.items()}
     atomic_write_text(
         out / "arms.json",
-        json.dumps({"arms": arms, "compared": summary}, ensure_ascii=False, indent=2, default=str),
-    )
+        json.dumps({"arms": every, "seeds": seeds, "compared": compared}, ensure_ascii=False, indent=2,
+                   default=str),
+    )  # fmt: skip
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

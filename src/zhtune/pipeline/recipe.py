@@ -18,7 +18,7 @@ Strings may refer to ``${run_dir}``, ``${data.NAME}`` (a file of the demo_data s
 (a stage's output directory). A variant overrides top-level options and, per stage, options of ``with``;
 ``--stage_options '{sft: {max_steps: 10}}'`` overrides stage options from the command line, over the variant.
 An arm is a variant run beside the others for comparison: ``--compare plain,full`` (or ``all``) runs each arm
-in ``<run_dir>/arms/<arm>`` on the same data and eval (see :mod:`zhtune.pipeline.compare`); an arm may skip
+in ``<run_dir>/arms/<arm>`` on the same data and eval (``--seeds 1,2,3``: once per training seed) (see :mod:`zhtune.pipeline.compare`); an arm may skip
 stages and override stage options, over the variant's. A stage a variant or an arm skips leaves eval's ``models``.
 Loading a recipe checks every stage against its command, so a typo fails before hours of training.
 """
@@ -35,6 +35,7 @@ from typing import Any
 from zhtune.config.parse import build, field
 from zhtune.errors import ConfigError
 
+TRAINING = ("pt", "sft", "dpo", "grpo")  # the commands a seed changes
 NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 REF = re.compile(r"\$\{([^}]*)\}")
 
@@ -76,6 +77,11 @@ class PipelineArgs:
         "Run these arms of the recipe ('all': every arm) one after the other, each in <run_dir>/arms/<arm>, and "
         "write one report with the arms side by side in <run_dir>/compare.",
     )
+    seeds: list[int] | None = field(
+        None,
+        "With --compare: run each arm once per seed (every training stage's --seed), in "
+        "<run_dir>/arms/<arm>/seed-<N>; the report gives each metric's mean and spread over the seeds.",
+    )
     compare_model: str | None = field(
         None, "The evaluated stage the arms are compared by (default: the last model each arm's eval scores)."
     )
@@ -100,12 +106,19 @@ class PipelineArgs:
             apply_variant(self, self.variant)
         self.stages = override_stages(self.stages, self.stage_options, "--stage_options")
         self.specs = parse_stages(self.stages)
-        self.arm_runs: list[tuple[str, PipelineArgs]] = []
+        self.arm_runs: list[tuple[str, int | None, PipelineArgs]] = []
+        if self.seeds is not None and (
+            not self.compare or not self.seeds or len(set(self.seeds)) < len(self.seeds)
+        ):
+            raise ConfigError("--seeds: distinct seeds, with --compare (e.g. --compare all --seeds 1,2,3)")
         if self.compare:
             # every arm is checked against every command now, so a typo in the last arm fails before the first
-            self.arm_runs = [(n, arm_args(self, n, recipe_stages)) for n in arm_names(self)]
+            seeds = self.seeds or [None]
+            self.arm_runs = [
+                (n, s, arm_args(self, n, recipe_stages, s)) for n in arm_names(self) for s in seeds
+            ]
             for name in self.rerun or []:
-                if not any(name in {s.name for s in arm.specs} for _, arm in self.arm_runs):
+                if not any(name in {s.name for s in arm.specs} for _, _, arm in self.arm_runs):
                     raise ConfigError(f"--rerun {name}: no arm has such a stage")
             return
         for name in self.rerun or []:
@@ -151,9 +164,10 @@ def arm_names(a: PipelineArgs) -> list[str]:
     return names
 
 
-def arm_args(a: PipelineArgs, name: str, recipe_stages: set[str]) -> PipelineArgs:
+def arm_args(a: PipelineArgs, name: str, recipe_stages: set[str], seed: int | None = None) -> PipelineArgs:
     """The pipeline of one arm: the recipe (variant and --stage_options applied) with the arm's skips and
-    options, in <run_dir>/arms/<name>. Skipped stages leave eval's ``models``; every arm keeps the base."""
+    options, in <run_dir>/arms/<name> (``seed``: every training stage's seed, in .../seed-<seed>). Skipped
+    stages leave eval's ``models``; every arm keeps the base."""
     v = a.arms[name] or {}
     if not isinstance(v, dict):
         raise ConfigError(f"arms.{name}: a mapping {{skip, stages, model_name_or_path, about}}")
@@ -171,9 +185,14 @@ def arm_args(a: PipelineArgs, name: str, recipe_stages: set[str]) -> PipelineArg
         raise ConfigError(f"arms.{name}.stages: a mapping of stage name: {{option: value}}")
     over = {k: o for k, o in over.items() if not (k in recipe_stages and k not in present)}  # variant skipped
     stages = without(override_stages(a.stages, over, f"arms.{name}.stages"), skip)
+    if seed is not None:
+        for s in stages:
+            if s.get("command") in TRAINING:
+                s["with"] = {**(s.get("with") or {}), "seed": seed}
     names = {s.get("name") for s in stages}
+    run_dir = Path(a.run_dir) / "arms" / name
     return PipelineArgs(
-        run_dir=str(Path(a.run_dir) / "arms" / name),
+        run_dir=str(run_dir / f"seed-{seed}" if seed is not None else run_dir),
         model_name_or_path=v.get("model_name_or_path", a.model_name_or_path),
         stages=stages,
         report_text=a.report_text,

@@ -189,14 +189,16 @@ def main(cfg: Config | dict[str, Any]) -> dict[str, Any]:
     from zhtune.pipeline.compare import write_comparison
 
     arms: dict[str, Any] = {}
-    for i, (name, arm) in enumerate(a.arm_runs):
-        print(f"\n==== arm {name} ({i + 1} of {len(a.arm_runs)}): {arm.run_dir}", flush=True)
+    for i, (name, seed, arm) in enumerate(a.arm_runs):
+        label = name if seed is None else f"{name}/seed-{seed}"
+        print(f"\n==== arm {label} ({i + 1} of {len(a.arm_runs)}): {arm.run_dir}", flush=True)
         about = (a.arms[name] or {}).get("about")
+        meta = {**recipe, "arm": name, "seed": seed, "about": about, "stages": arm.stages}
         try:
-            arms[name] = run_stages(arm, {**recipe, "arm": name, "about": about, "stages": arm.stages})
+            arms[label] = run_stages(arm, meta)
         finally:
             if not a.dry_run:  # the comparison so far, also when an arm fails
-                write_comparison(Path(a.run_dir), [n for n, _ in a.arm_runs], a.compare_model)
+                write_comparison(Path(a.run_dir), [(n, s) for n, s, _ in a.arm_runs], a.compare_model)
     if a.dry_run:
         return {"arms": arms}
     return {"arms": arms, "report": str(Path(a.run_dir) / "compare" / "report.md")}
@@ -213,7 +215,7 @@ def run_stages(a: PipelineArgs, recipe: dict[str, Any]) -> dict[str, Any]:
         recipe=recipe, base_model=a.model_name_or_path, variant=a.variant or recipe.get("variant")
     )
     if recipe.get("arm"):
-        ledger.set_meta(arm=recipe["arm"], about=recipe.get("about"))
+        ledger.set_meta(arm=recipe["arm"], seed=recipe.get("seed"), about=recipe.get("about"))
     state = State(model=a.model_name_or_path)
     previous, forced = "", False
     t_start = time.time()
