@@ -16,8 +16,8 @@ recipe can look at every model's replies to the same questions without a file.
   one token of prompt before it is not scored (``too_long``).
 * greedy replies to the first ``--sample_replies`` records (default 16), all kept (``samples``):
   ``fffd_share``, the share holding U+FFFD (a broken character: a byte sequence that is not UTF-8; the
-  transformers engine's UTF-8 guard prevents them, vLLM's engine does not), ``repetition_share``, the share
-  that loops (:func:`repetitive`), and ``chars_per_s`` / ``tokens_per_char`` as the other generation tasks
+  UTF-8 guard of the generate and vLLM backends prevents them, so there it checks the guard),
+  ``repetition_share``, the share that loops (:func:`repetitive`), and ``chars_per_s`` / ``tokens_per_char`` as the other generation tasks
   report them (:func:`zhtune.eval.greedy.generation_speed`).
 """
 
