@@ -169,7 +169,7 @@ def forced_model(tok_dir, out, prefer: list[int]):
     return out
 
 
-@pytest.mark.parametrize("backend", ["generate", "static"])
+@pytest.mark.parametrize("backend", ["generate", "static", "continuous"])
 @pytest.mark.parametrize("name", TOKENIZERS)
 def test_a_model_forced_to_break_characters_writes_whole_ones(request, tmp_path, name, backend):
     tok = tokenizer(request, name)
@@ -178,10 +178,13 @@ def test_a_model_forced_to_break_characters_writes_whole_ones(request, tmp_path,
     engine = Engine.load(ModelArgs(model_name_or_path=str(path)), EngineArgs(backend=backend))
     engine.start(backend)
     prompt = engine.prompt_ids([{"role": "user", "content": "你好"}])
+    if backend == "continuous":  # on a CPU batches are prepared one after the other: the guard is in
+        assert engine.backend.utf8_guard
     try:
-        unguarded = engine.model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
-        assert unguarded[0, len(prompt) :].tolist() == [e5] * 6  # lead bytes only: broken text
-        assert "\ufffd" in tok.decode(unguarded[0, len(prompt) :])
+        if backend != "continuous":  # (its paged attention runs only inside continuous batching)
+            unguarded = engine.model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
+            assert unguarded[0, len(prompt) :].tolist() == [e5] * 6  # lead bytes only: broken text
+            assert "\ufffd" in tok.decode(unguarded[0, len(prompt) :])
         for n, want in ((6, "奥奥"), (7, "奥奥"), (8, "奥奥"), (1, ""), (4, "奥")):  # 奥 is E5 A5 A5
             g = GenerationArgs(max_new_tokens=n, temperature=0, repetition_penalty=1.0)
             job = engine.submit(engine.job(prompt, g))
@@ -189,5 +192,28 @@ def test_a_model_forced_to_break_characters_writes_whole_ones(request, tmp_path,
             r = job.reply()
             assert (r.text, r.completion_tokens, r.finish_reason) == (want, n, "length")
             assert not any("\ufffd" in p for p in pieces)
+    finally:
+        engine.close()
+
+
+def test_continuous_batching_without_the_guard_breaks_characters(request, tmp_path, monkeypatch):
+    """The control for the continuous row above: the same forced model, the guard left out, breaks every
+    character it starts."""
+    from zhtune.infer import utf8_continuous
+
+    tok = tokenizer(request, "bpe_tokenizer_dir")
+    e5, a5, a = byte_id(tok, 0xE5), byte_id(tok, 0xA5), byte_id(tok, ord("a"))
+    path = forced_model(request.getfixturevalue("bpe_tokenizer_dir"), tmp_path / "m", [e5, a, a5])
+    monkeypatch.setattr(utf8_continuous, "install", lambda manager, guard: False)
+    engine = Engine.load(ModelArgs(model_name_or_path=str(path)), EngineArgs(backend="continuous"))
+    engine.start("continuous")
+    try:
+        prompt = engine.prompt_ids([{"role": "user", "content": "你好"}])
+        g = GenerationArgs(max_new_tokens=6, temperature=0, repetition_penalty=1.0)
+        job = engine.submit(engine.job(prompt, g))
+        assert job.run().completion_tokens == 6
+        # six lead bytes, no character among them: the stream shows nothing of them, where the guard wrote 奥奥
+        assert job.token_ids() == [e5] * 6 and job.text() == ""
+        assert not engine.backend.utf8_guard
     finally:
         engine.close()

@@ -9,9 +9,9 @@
   for those are refused with a message naming the ``generate`` backend.
 
 Both report tokens into :class:`zhtune.infer.stream.Job` objects and stop a job when its consumer cancels.
-``generate`` masks tokens that would break a UTF-8 character (:mod:`zhtune.infer.utf8`); continuous batching
-hands its logits processors only the newest token of each request, so there the detokenizer's holding back
-of an unfinished last character is the only guard.
+Both mask tokens that would break a UTF-8 character (:mod:`zhtune.infer.utf8`; continuous batching through a
+per-request processor, :mod:`zhtune.infer.utf8_continuous`, except with asynchronous batching, where the
+detokenizer's holding back of an unfinished last character is the only guard).
 """
 
 from __future__ import annotations
@@ -250,6 +250,9 @@ class ContinuousBackend:
         self.manager = model.init_continuous_batching(
             generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(**cb)
         )
+        from zhtune.infer.utf8_continuous import install
+
+        self.utf8_guard = install(self.manager, Utf8Guard.for_tokenizer(tokenizer, always=self.stop_ids))
         if on_gpu and (cuda_graphs or compile_level):
             self.manager.warmup()
         self.manager.start()

@@ -231,7 +231,6 @@ class Engine:
                 self.model,
                 self.tok,
                 self.stop_ids,
-                tokenizer=self.tok,
                 max_batch_size=a.max_batch_size,
                 kv_cache_tokens=a.kv_cache_tokens,
                 cuda_graphs=a.cuda_graphs,
