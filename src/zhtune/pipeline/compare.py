@@ -228,7 +228,7 @@ def write_comparison(
             ax.bar(
                 range(len(columns)),
                 [scale(fmt, m) for m, _, _ in stats],
-                yerr=[scale(fmt, sd) if sd is not None else 0.0 for _, sd, _ in stats],
+                yerr=[scale(fmt, sd) if sd is not None else 0.0 for _, sd, _ in stats] if seeds else None,
                 color=["#999999" if c == "base" else "#3b7dd8" for c in columns],
                 capsize=3,
             )
