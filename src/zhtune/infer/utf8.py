@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -159,6 +159,7 @@ class Utf8Guard:
     def __init__(self, allowed: torch.Tensor, nxt: torch.Tensor):
         self.allowed, self.nxt = allowed, nxt
         self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._nxt_rows: list[list[int]] | None = None  # nxt as lists, for host_state
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, always: Iterable[int] = ()) -> Utf8Guard | None:
@@ -187,7 +188,25 @@ class Utf8Guard:
             state = nxt[state, input_ids[:, j].clamp(0, nxt.shape[1] - 1)]
         return state
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def host_state(self, prompt: Sequence[int], reply: Sequence[int]) -> int:
+        """The decoder state after the last tokens of ``prompt`` + ``reply``, on the host (for engines that
+        prepare each request's arguments in Python: vLLM's and transformers' continuous batching)."""
+        if self._nxt_rows is None:
+            self._nxt_rows = self.nxt.tolist()
+        rows = self._nxt_rows
+        tail = list(reply[-LOOKBACK:])
+        if len(tail) < LOOKBACK:
+            tail = list(prompt[-(LOOKBACK - len(tail)) :]) + tail
+        state = GROUND
+        for tok in tail:
+            if 0 <= tok < len(rows[0]):  # ids past the tokenizer (padded embedding rows) leave it alone
+                state = rows[state][tok]
+        return state
+
+    def mask(self, scores: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """``scores`` [rows, vocab] with -inf where a token cannot follow its row's decoder state."""
         allowed, _ = self._tables(scores.device, scores.shape[-1])
-        mask = allowed[self.state(input_ids, scores.shape[-1]), : scores.shape[-1]]
-        return scores.masked_fill(~mask, float("-inf"))
+        return scores.masked_fill(~allowed[states, : scores.shape[-1]], float("-inf"))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.mask(scores, self.state(input_ids, scores.shape[-1]))

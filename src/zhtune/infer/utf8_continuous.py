@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
-from zhtune.infer.utf8 import GROUND, LOOKBACK, Utf8Guard
+from zhtune.infer.utf8 import GROUND, Utf8Guard
 
 log = logging.getLogger(__name__)
 
@@ -33,32 +33,19 @@ class ContinuousUtf8Guard(ContinuousBatchingLogitsProcessor):
 
     def __init__(self, guard: Utf8Guard):
         self.guard = guard
-        self.nxt = guard.nxt.tolist()
 
     def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
         int32_tensor.fill_(GROUND)
 
-    def state_of(self, tokens: list[int]) -> int:
-        state, width = GROUND, len(self.nxt[0])
-        for tok in tokens[-LOOKBACK:]:
-            if 0 <= tok < width:  # ids past the tokenizer (padded embedding rows) leave the state alone
-                state = self.nxt[state][tok]
-        return state
-
     def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
-        states = []
-        for future in requests_with_new_token:
-            s = future.state
-            tail = list(s.generated_tokens[-LOOKBACK:])
-            if len(tail) < LOOKBACK:
-                tail = list(s.initial_tokens[-(LOOKBACK - len(tail)) :]) + tail
-            states.append(self.state_of(tail))
+        states = [
+            self.guard.host_state(f.state.initial_tokens, f.state.generated_tokens)
+            for f in requests_with_new_token
+        ]
         return torch.tensor(states, dtype=torch.int32)
 
     def __call__(self, scores: torch.FloatTensor, tensor_arg: torch.Tensor) -> torch.FloatTensor:
-        allowed, _ = self.guard._tables(scores.device, scores.shape[-1])
-        states = tensor_arg[: scores.size(0)].long()
-        return scores.masked_fill(~allowed[states, : scores.shape[-1]], float("-inf"))
+        return self.guard.mask(scores, tensor_arg[: scores.size(0)].long())
 
 
 def install(manager: Any, guard: Utf8Guard | None) -> bool:

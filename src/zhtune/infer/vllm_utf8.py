@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from zhtune.infer.utf8 import GROUND, LOOKBACK, Utf8Guard
+from zhtune.infer.utf8 import LOOKBACK, Utf8Guard
 
 KEY = "zhtune_utf8_tables"
 FQCN = "zhtune.infer.vllm_utf8:Utf8LogitsProcessor"
@@ -62,18 +62,17 @@ class _Utf8Masking:
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool):
         self.device = device
-        self.guards: dict[str, tuple[Utf8Guard, list[list[int]]]] = {}  # path -> (guard, next-state rows)
+        self.guards: dict[str, Utf8Guard] = {}  # tables file -> guard
         self.rows: dict[
             int, tuple[list[int], list[int], str]
-        ] = {}  # batch row -> (prompt tail, output, path)
+        ] = {}  # batch row -> (prompt tail, output, file)
 
     def is_argmax_invariant(self) -> bool:
         return False  # it changes which token is likeliest
 
-    def _guard(self, path: str) -> tuple[Utf8Guard, list[list[int]]]:
+    def _guard(self, path: str) -> Utf8Guard:
         if path not in self.guards:
-            g = load_tables(path)
-            self.guards[path] = (g, g.nxt.tolist())
+            self.guards[path] = load_tables(path)
         return self.guards[path]
 
     def update_state(self, batch_update: Any) -> None:
@@ -102,21 +101,11 @@ class _Utf8Masking:
             return logits
         by_path: dict[str, tuple[list[int], list[int]]] = {}
         for index, (prompt, output, path) in self.rows.items():
-            if index >= logits.shape[0]:
-                continue
-            _, nxt = self.guards[path]
-            tail = (prompt + output[-LOOKBACK:])[-LOOKBACK:]  # the output is vLLM's live list of this request
-            state = GROUND
-            for tok in tail:
-                if 0 <= tok < len(nxt[0]):
-                    state = nxt[state][tok]
-            rows, states = by_path.setdefault(path, ([], []))
-            rows.append(index)
-            states.append(state)
+            if index < logits.shape[0]:  # the output is vLLM's live list of this request's tokens
+                rows, states = by_path.setdefault(path, ([], []))
+                rows.append(index)
+                states.append(self.guards[path].host_state(prompt, output))
         for path, (rows, states) in by_path.items():
-            guard, _ = self.guards[path]
-            allowed, _ = guard._tables(logits.device, logits.shape[-1])
             idx = torch.tensor(rows, device=logits.device)
-            mask = allowed[torch.tensor(states, device=logits.device), : logits.shape[-1]]
-            logits[idx] = logits[idx].masked_fill(~mask, float("-inf"))
+            logits[idx] = self.guards[path].mask(logits[idx], torch.tensor(states, device=logits.device))
         return logits
