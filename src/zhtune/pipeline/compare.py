@@ -147,7 +147,7 @@ def write_comparison(
     """The report of the arms ``runs`` ((arm, seed or None) each) under ``run_dir``/arms."""
     from zhtune.atomic import atomic_write_text
     from zhtune.pipeline.report import _cell as md
-    from zhtune.pipeline.report import _fmt_s, _plt, _save
+    from zhtune.pipeline.report import _fmt_s, bar_grid
 
     out = run_dir / "compare"
     out.mkdir(parents=True, exist_ok=True)
@@ -218,26 +218,13 @@ def write_comparison(
             "",
         ]
     if bars:
-        plt = _plt()
-        cols = min(3, len(bars))
-        rows = math.ceil(len(bars) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), dpi=100, squeeze=False)
-        scale = lambda fmt, x: (100 * x if fmt == "pct" else x) if x is not None else 0.0  # noqa: E731
-        for ax, (title, fmt, per_col) in zip(axes.flat, bars):
+        panels = []
+        for title, fmt, per_col in bars:
             stats = [_spread(v) for v in per_col]
-            ax.bar(
-                range(len(columns)),
-                [scale(fmt, m) for m, _, _ in stats],
-                yerr=[scale(fmt, sd) if sd is not None else 0.0 for _, sd, _ in stats] if seeds else None,
-                color=["#999999" if c == "base" else "#3b7dd8" for c in columns],
-                capsize=3,
-            )
-            ax.set_xticks(range(len(columns)), [c.split(" (")[0] for c in columns], rotation=30, fontsize=8)
-            ax.set_title(title, fontsize=9)
-            ax.grid(axis="y", alpha=0.3)
-        for ax in list(axes.flat)[len(bars) :]:
-            ax.axis("off")
-        _save(fig, out / "arms.png")
+            errors = [sd for _, sd, _ in stats] if seeds else None
+            panels.append((title, fmt, [m for m, _, _ in stats], errors))
+        colors = ["#999999" if c == "base" else "#3b7dd8" for c in columns]
+        bar_grid(out / "arms.png", [c.split(" (")[0] for c in columns], colors, panels)
         lines += ["![arms](arms.png)", ""]
     own = [f"`{a['arm']}" + (f"/seed-{a['seed']}" if a["seed"] is not None else "") + "/report/report.md`"
            for a in every]  # fmt: skip

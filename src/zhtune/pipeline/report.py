@@ -164,27 +164,38 @@ def eval_section(summary: dict[str, Any], out: Path, name: str) -> list[str]:
     lines.append("")
     lines += samples_section(summary)
     if bars:
-        plt = _plt()
-        cols = min(3, len(bars))
-        rows = math.ceil(len(bars) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), dpi=100, squeeze=False)
-        for ax, (title, fmt, values) in zip(axes.flat, bars):
-            vals = [
-                (100 * v if fmt == "pct" else v) if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
-                for v in values
-            ]
-            ax.bar(range(len(models)), vals, color=["#999999"] + ["#3b7dd8"] * (len(models) - 1))
-            ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
-            ax.set_title(title, fontsize=9)
-            if fmt == "pct":
-                ax.set_ylabel("%")
-            ax.grid(axis="y", alpha=0.3)
-        for ax in list(axes.flat)[len(bars) :]:
-            ax.axis("off")
+        colors = ["#999999"] + ["#3b7dd8"] * (len(models) - 1)
         png = out / f"eval_{name}.png"
-        _save(fig, png)
+        bar_grid(png, models, colors, [(title, fmt, values, None) for title, fmt, values in bars])
         lines += [f"![eval {name}]({png.name})", ""]
     return lines
+
+
+def bar_grid(
+    path: Path, labels: list[str], colors: list[str], panels: list[tuple[str, str, list, list | None]]
+) -> None:
+    """One bar chart per panel (title, value format, a value per label, error bars or None), three a row;
+    ``pct`` values are drawn in percent, missing ones as 0."""
+    plt = _plt()
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), dpi=100, squeeze=False)
+
+    def scale(fmt: str, v: Any) -> float:
+        ok = isinstance(v, (int, float)) and math.isfinite(v)
+        return (100 * v if fmt == "pct" else v) if ok else 0.0
+
+    for ax, (title, fmt, values, errors) in zip(axes.flat, panels):
+        yerr = [scale(fmt, e) for e in errors] if errors is not None else None
+        ax.bar(range(len(labels)), [scale(fmt, v) for v in values], yerr=yerr, color=colors, capsize=3)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        if fmt == "pct":
+            ax.set_ylabel("%")
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    _save(fig, path)
 
 
 def tokenizer_section(data: dict[str, Any], text_files: list[str], out: Path) -> list[str]:
