@@ -145,10 +145,11 @@ def reply_ids(enc: Any, fmt: Any, prompt: list[Message], reference: str) -> tupl
     """The conversation's ids through the end of the reference reply, as SFT encodes it, and the index of the
     reply's first token: ``ids[start:]`` are the tokens SFT supervises for the last assistant turn (the reply
     and its end-of-turn token)."""
-    segs = fmt.segments([*prompt, {"role": "assistant", "content": reference}])
-    last = max(i for i, (_, supervised) in enumerate(segs) if supervised)
-    before, _ = enc.encode_segments(segs[:last])
-    return before + enc.encode(segs[last][0], first=last == 0), len(before)
+    from zhtune.train.pref_data import encode_reply
+
+    # split as zhtune dpo and the preference task split a conversation
+    before, reply = encode_reply(fmt, enc, prompt, reference)
+    return before + reply, len(before)
 
 
 def fit(ids: list[int], start: int, max_len: int, bos: int | None) -> tuple[list[int], int] | None:
