@@ -6,14 +6,15 @@ ChatML template, so nothing is downloaded. Each decoding step must read every we
 the limit is ``weight bytes / memory bandwidth`` (about 3.0 TB/s sustained on an H100 SXM).
 
 Sections, most important first; a section that fails is recorded and the next one runs, and no section
-starts after the time budget (--budget_s, default 330 s), so the script ends within 8 minutes:
+starts after the time budget (--budget_s, default 330 s):
 
-1. batch 1, ``static`` backend with --compile (static KV cache, the step a CUDA graph, host pipelined);
-2. ``zhtune serve --backend continuous --cuda_graphs true``: 1 client, then 32 concurrent streaming clients;
-3. batch 1, ``generate`` backend with --compile (transformers generate, static cache, compiled forward);
-4. batch 1, ``generate`` backend without compile (transformers generate, dynamic cache);
-5. ``zhtune serve --backend continuous`` (transformers' own choices): 32 clients;
-6. ``zhtune serve --backend static --compile``: 1 client (batch 1 through the server).
+1. ``continuous_sweep``: transformers' continuous batching in this process, one setting at a time (CUDA graphs
+   with their KV padding interval, asynchronous batching, the UTF-8 guard off, compile level 1), each with
+   ``--concurrency`` requests decoding at once (two waves, sampled as the load clients ask);
+2. ``zhtune serve --backend continuous`` with the sweep's fastest setting a server can be given: 1 client,
+   then ``--concurrency`` streaming clients;
+3. batch 1, ``static`` backend with --compile (static KV cache, the step a CUDA graph, host pipelined);
+4. ``zhtune serve --backend continuous`` (transformers' own choices): ``--concurrency`` clients.
 
     python bench/decode_gpu.py                      # prints a table, writes bench/results/decode_gpu.json
 """
@@ -25,6 +26,7 @@ import asyncio
 import gc
 import json
 import platform
+import re
 import sys
 import time
 import traceback
@@ -44,8 +46,9 @@ T0 = time.time()
 
 def build_model(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     dims = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
     if args.smoke:  # a CPU check of the script's plumbing, not a measurement
@@ -67,11 +70,20 @@ def build_model(args: argparse.Namespace) -> tuple[Any, Any]:
         model = LlamaForCausalLM(cfg)
     torch.set_default_dtype(prev)
     model.eval()
+    # byte-level: the 256 byte symbols, then words "w<i>" up to the vocabulary size; no merges, so text
+    # encodes byte by byte while the model samples whole words too. Its tokens read as bytes, so the UTF-8
+    # guard is on, as with a real byte-level or byte-fallback tokenizer.
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     vocab = {t: i for i, t in enumerate(specials)}
-    vocab.update({f"w{i}": i for i in range(len(specials), cfg.vocab_size)})
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    for ch in bytes_to_unicode().values():
+        vocab[ch] = len(vocab)
+    k = 0
+    while len(vocab) < cfg.vocab_size:
+        vocab.setdefault(f"w{k}", len(vocab))
+        k += 1
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk,
         bos_token="<s>",
@@ -86,7 +98,7 @@ def build_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def prompt(i: int = 0, words: int = 24) -> str:
-    return " ".join(f"w{5 + (i * 7919 + k * 104729) % 31990}" for k in range(words))
+    return " ".join(f"w{(i * 7919 + k * 104729) % 31000}" for k in range(words))
 
 
 def time_job(engine: Any, g: Any, n: int, i: int = 0) -> dict[str, Any]:
@@ -134,6 +146,116 @@ def batch1(model: Any, tok: Any, backend: str, compile: bool, n: int, warmups: i
             torch.cuda.synchronize()
 
 
+# (name, engine settings, UTF-8 guard): the settings a server takes as --cuda_graphs / --compile /
+# --continuous_options; the guard is always on in a server, so the arm without it only measures its cost
+SWEEP: list[tuple[str, dict[str, Any], bool]] = [
+    ("graphs", {"cuda_graphs": True}, True),
+    ("graphs_async", {"cuda_graphs": True, "continuous_options": "use_async_batching=true"}, True),
+    ("graphs_noguard", {"cuda_graphs": True}, False),
+    ("graphs_async_noguard", {"cuda_graphs": True, "continuous_options": "use_async_batching=true"}, False),
+    ("graphs_kv256", {"cuda_graphs": True, "continuous_options": "kv_padding_interval_size=256"}, True),
+    ("graphs_compile", {"cuda_graphs": True, "compile": True}, True),
+]
+
+
+def cb_arm(model: Any, tok: Any, settings: dict[str, Any], guard: bool, c: int, n: int) -> dict[str, Any]:
+    """``2 * c`` sampled requests of ``n`` new tokens through one continuous batching engine, ``c`` at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from zhtune.config.args import GenerationArgs
+    from zhtune.infer.backends import ContinuousBackend
+    from zhtune.infer.engine import Engine, EngineArgs, parse_continuous_options
+    from zhtune.text.templates import get_format
+
+    a = EngineArgs(backend="continuous", max_batch_size=c, **settings)
+    engine = Engine(model, tok, get_format(tok), a)
+    t = time.perf_counter()
+    engine.backend = ContinuousBackend(
+        model,
+        tok,
+        engine.stop_ids,
+        max_batch_size=c,
+        cuda_graphs=a.cuda_graphs,
+        compile_level=1 if a.compile else 0,
+        options=parse_continuous_options(a.continuous_options or ""),
+        utf8_guard=guard,
+    )
+    g = GenerationArgs(max_new_tokens=n, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.0)
+
+    def wave(count: int, tokens: int, first: int) -> tuple[float, int, list[Any]]:
+        jobs = []
+        t0 = time.perf_counter()
+        for i in range(count):
+            ids = engine.prompt_ids([{"role": "user", "content": prompt(first + i)}])
+            jobs.append(engine.submit(engine.job(ids, g, max_new_tokens=tokens)))
+        with ThreadPoolExecutor(max(1, count)) as pool:
+            replies = list(pool.map(lambda j: j.run(), jobs))
+        return time.perf_counter() - t0, sum(r.completion_tokens for r in replies), jobs
+
+    try:
+        wave(c, 32, 1000)  # warm-up: the graphs of a full batch and of the prefill
+        warm_s = time.perf_counter() - t
+        elapsed, tokens, jobs = wave(2 * c, n, 0)
+        ttft = sorted(j.first_token_at - j.created for j in jobs if j.first_token_at)
+        cfg = engine.backend.manager.continuous_batching_config
+        return {
+            "settings": settings,
+            "utf8_guard_asked": guard,
+            "utf8_guard": bool(engine.backend.utf8_guard),
+            "warmup_s": round(warm_s, 1),
+            "requests": len(jobs),
+            "completion_tokens": tokens,
+            "elapsed_s": round(elapsed, 2),
+            "tokens_per_s": round(tokens / elapsed, 1),
+            "ttft_p50_s": round(ttft[len(ttft) // 2], 3) if ttft else None,
+            "resolved": {
+                k: str(getattr(cfg, k, None))
+                for k in (
+                    "use_cuda_graph",
+                    "use_async_batching",
+                    "num_blocks",
+                    "max_batch_tokens",
+                    "q_padding_interval_size",
+                    "kv_padding_interval_size",
+                )
+            },
+        }
+    finally:
+        engine.close()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+
+def cb_sweep(model: Any, tok: Any, c: int, n: int, deadline: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, settings, guard in SWEEP:
+        if time.time() - T0 > deadline:
+            out[name] = {"skipped": "time budget spent"}
+            continue
+        print(f"[{time.time() - T0:5.0f}s]   sweep {name} ...", flush=True)
+        try:
+            out[name] = cb_arm(model, tok, settings, guard, c, n)
+        except Exception as e:  # noqa: BLE001 - recorded; the next setting still runs
+            out[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
+        print(f"            {json.dumps(out[name])[:400]}", flush=True)
+    return out
+
+
+def server_flags(settings: dict[str, Any]) -> list[str]:
+    flags = ["--backend", "continuous"]
+    if settings.get("cuda_graphs") is not None:
+        flags += ["--cuda_graphs", str(settings["cuda_graphs"]).lower()]
+    if settings.get("compile"):
+        flags.append("--compile")
+    if settings.get("continuous_options"):
+        flags += ["--continuous_options", settings["continuous_options"]]
+    return flags
+
+
 def serve_run(
     model_dir: Path, extra: list[str], clients: list[int], n: int, seconds: float
 ) -> dict[str, Any]:
@@ -144,7 +266,7 @@ def serve_run(
         ROOT
         / "bench"
         / "results"
-        / f"decode_gpu_serve_{'_'.join(x.strip('-') for x in extra) or 'default'}.log"
+        / f"decode_gpu_serve_{re.sub(r'[^A-Za-z0-9_]+', '_', '_'.join(extra)).strip('_') or 'default'}.log"
     )
     t = time.time()
     proc, url = start_server(str(model_dir), extra[1], max(clients), extra[2:], log)
@@ -235,21 +357,22 @@ def main() -> int:
     n, c = args.tokens, args.concurrency
     held = {"model": model}
     del model
-    graphs = ["--backend", "continuous", "--cuda_graphs", "true"]
+    sweep_end = args.budget_s * 0.6  # the sweep leaves time for the server runs after it
+    section("continuous_sweep", lambda: cb_sweep(held["model"], tok, c, n, sweep_end))
+    arms = res["sections"].get("continuous_sweep", {})
+    servable = {k: v for k, v in arms.items() if v.get("utf8_guard_asked") and v.get("tokens_per_s")}
+    best = max(servable, key=lambda k: servable[k]["tokens_per_s"], default="graphs")
+    res["best_servable_setting"] = best
+    flags = server_flags(next(st for name, st, _ in SWEEP if name == best))
+    section("serve_continuous_best", lambda: serve_run(workdir, flags, [1, c], n, args.seconds))
     section("batch1_static_compiled", lambda: batch1(held["model"], tok, "static", True, n, warmups=2))
-    section("serve_continuous_cuda_graphs", lambda: serve_run(workdir, graphs, [1, c], n, args.seconds))
-    section("batch1_generate_compiled", lambda: batch1(held["model"], tok, "generate", True, n, warmups=2))
-    section("batch1_generate", lambda: batch1(held["model"], tok, "generate", False, 64, warmups=1))
-    held.clear()  # free the in-process copy before the next servers
+    held.clear()  # free the in-process copy before the last server
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     section(
         "serve_continuous_default",
         lambda: serve_run(workdir, ["--backend", "continuous"], [c], n, args.seconds),
-    )
-    section(
-        "serve_static_compiled", lambda: serve_run(workdir, ["--backend", "static", "--compile"], [1], n, 0)
     )
 
     s = res["sections"]
@@ -258,28 +381,21 @@ def main() -> int:
             "batch 1, static + compile",
             s.get("batch1_static_compiled", {}).get("greedy", {}).get("decode_tok_s"),
         ),
-        (
-            "batch 1, generate + compile",
-            s.get("batch1_generate_compiled", {}).get("greedy", {}).get("decode_tok_s"),
-        ),
-        ("batch 1, generate", s.get("batch1_generate", {}).get("greedy", {}).get("decode_tok_s")),
-        (
-            "serve continuous+graphs, 1 client",
-            s.get("serve_continuous_cuda_graphs", {})
-            .get("clients_1", {})
-            .get("decode_tok_s_per_request_p50"),
+        *(
+            (f"in-process continuous {k}, {c} at once", v.get("tokens_per_s"))
+            for k, v in s.get("continuous_sweep", {}).items()
         ),
         (
-            f"serve continuous+graphs, {c} clients",
-            s.get("serve_continuous_cuda_graphs", {}).get(f"clients_{c}", {}).get("tokens_per_s"),
+            f"serve continuous {res.get('best_servable_setting')}, 1 client",
+            s.get("serve_continuous_best", {}).get("clients_1", {}).get("decode_tok_s_per_request_p50"),
+        ),
+        (
+            f"serve continuous {res.get('best_servable_setting')}, {c} clients",
+            s.get("serve_continuous_best", {}).get(f"clients_{c}", {}).get("tokens_per_s"),
         ),
         (
             f"serve continuous default, {c} clients",
             s.get("serve_continuous_default", {}).get(f"clients_{c}", {}).get("tokens_per_s"),
-        ),
-        (
-            "serve static + compile, 1 client",
-            s.get("serve_static_compiled", {}).get("clients_1", {}).get("decode_tok_s_per_request_p50"),
         ),
     ]
     res["summary_tok_s"] = dict(rows)

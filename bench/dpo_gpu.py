@@ -211,7 +211,13 @@ def main() -> None:
     t0 = time.time()
     make_assets(a.work, tiny=a.tiny)
     print(f"assets ready in {time.time() - t0:.0f}s", flush=True)
-    results = []
+    results: list[dict] = []
+    a.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every case, so a run stopped at its time limit keeps what it measured
+        out = {"setup": __doc__, "seconds": round(time.time() - t0, 1), "results": results}
+        (a.out / "dpo_gpu.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
+
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     for mode in a.cases.split(","):
         for side in ("trl", "zhtune"):
@@ -222,14 +228,14 @@ def main() -> None:
             if r.returncode or line is None:
                 results.append({"side": side, "mode": mode, "error": r.stderr[-3000:]})
                 print(f"{side}:{mode} failed:\n{r.stderr[-3000:]}", flush=True)
+                save()
                 continue
             results.append(json.loads(line[len("RESULT ") :]))
             res = results[-1]
             print(f"{mode:6} {side:7} {res['tokens_per_s']:>9,.0f} tok/s  peak {res['peak_gib']:.2f} GiB  "
                   f"(load {res['load_peak_gib']:.2f})  first loss {res['first_loss']}", flush=True)  # fmt: skip
-    a.out.mkdir(parents=True, exist_ok=True)
-    out = {"setup": __doc__, "seconds": round(time.time() - t0, 1), "results": results}
-    (a.out / "dpo_gpu.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
+            save()
+    save()
     print(f"wrote {a.out / 'dpo_gpu.json'} in {time.time() - t0:.0f}s")
 
 

@@ -300,3 +300,37 @@ def test_static_sampling_rules():
     for _ in range(20):
         t = pick(logits, GenerationArgs(temperature=1.5, top_k=5, top_p=0.9))
         assert all(t[i] in top5[i] for i in range(3))
+
+
+def test_continuous_options_parse_and_reach_transformers(tiny_llama_bpe):
+    from zhtune.infer.engine import parse_continuous_options
+
+    assert parse_continuous_options(
+        "use_async_batching=false, max_batch_tokens=256,max_memory_percent=0.5"
+    ) == {
+        "use_async_batching": False,
+        "max_batch_tokens": 256,
+        "max_memory_percent": 0.5,
+    }
+    assert parse_continuous_options("scheduler_type=fifo,seed=none") == {
+        "scheduler_type": "fifo",
+        "seed": None,
+    }
+    with pytest.raises(
+        ConfigError, match="'max_batch_token' is not a continuous batching setting.*max_batch_tokens"
+    ):
+        EngineArgs(continuous_options="max_batch_token=256")
+    with pytest.raises(ConfigError, match="'block_size' is not key=value"):
+        EngineArgs(continuous_options="block_size")
+    # they go last: over zhtune's own CPU choices (block size 64, 512 batch tokens)
+    args = EngineArgs(backend="continuous", continuous_options="block_size=32,max_batch_tokens=128")
+    engine = Engine.load(ModelArgs(model_name_or_path=str(tiny_llama_bpe)), args)
+    engine.start("continuous")
+    try:
+        cfg = engine.backend.manager.continuous_batching_config
+        assert (cfg.block_size, cfg.max_batch_tokens) == (32, 128)
+        g = GenerationArgs(max_new_tokens=5, temperature=0, repetition_penalty=1.0)
+        job = engine.submit(engine.job(engine.prompt_ids([{"role": "user", "content": "你好"}]), g))
+        assert job.run().completion_tokens == 5
+    finally:
+        engine.close()

@@ -210,6 +210,8 @@ class ContinuousBackend:
         cuda_graphs: bool | None = None,
         compile_level: int = 0,
         seed: int | None = None,
+        options: dict[str, Any] | None = None,
+        utf8_guard: bool = True,
     ):
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -238,6 +240,7 @@ class ContinuousBackend:
             # graphs are captured per padded size; transformers pads the KV read to 16384 tokens by default,
             # which makes every decoding step of a short conversation read 16384 tokens of cache
             cb["kv_padding_interval_size"] = 1024
+        cb.update(options or {})
         gen = GenerationConfig(
             do_sample=True,
             **self.BASE,
@@ -252,7 +255,8 @@ class ContinuousBackend:
         )
         from zhtune.infer.utf8_continuous import install
 
-        self.utf8_guard = install(self.manager, Utf8Guard.for_tokenizer(tokenizer, always=self.stop_ids))
+        guard = Utf8Guard.for_tokenizer(tokenizer, always=self.stop_ids) if utf8_guard else None
+        self.utf8_guard = install(self.manager, guard)
         if on_gpu and (cuda_graphs or compile_level):
             self.manager.warmup()
         self.manager.start()

@@ -70,12 +70,54 @@ class EngineArgs:
         "On CUDA, compile decoding: torch.compile with CUDA graphs (static), a static KV cache with "
         "torch.compile (generate), compile level 1 (continuous).",
     )
+    continuous_options: str | None = field(
+        None,
+        "More settings of transformers' continuous batching, as key=value pairs separated by commas (fields "
+        "of ContinuousBatchingConfig), e.g. use_async_batching=true,max_batch_tokens=4096. They go last.",
+    )
 
     def __post_init__(self) -> None:
         if self.max_batch_size <= 0:
             raise ConfigError(f"--max_batch_size must be positive, got {self.max_batch_size}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 64:
             raise ConfigError(f"--kv_cache_tokens {self.kv_cache_tokens} is too small; use at least 64")
+        if self.continuous_options:
+            parse_continuous_options(self.continuous_options)  # a bad key fails here, before any loading
+
+
+def parse_continuous_options(text: str) -> dict[str, Any]:
+    """``key=value,...`` -> ContinuousBatchingConfig overrides; values: true/false/none, numbers, words."""
+    from dataclasses import fields
+
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    known = {f.name for f in fields(ContinuousBatchingConfig)}
+    out: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, eq, raw = (x.strip() for x in item.partition("="))
+        if not eq or not raw:
+            raise ConfigError(f"--continuous_options: {item!r} is not key=value")
+        if key not in known:
+            raise ConfigError(
+                f"--continuous_options: {key!r} is not a continuous batching setting; known: "
+                + ", ".join(sorted(known))
+            )
+        low = raw.lower()
+        value: Any
+        if low in ("true", "false"):
+            value = low == "true"
+        elif low in ("none", "null"):
+            value = None
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw
+        out[key] = value
+    return out
 
 
 # engines whose backend thread runs: closed at interpreter exit, so no generation thread is still inside
@@ -235,6 +277,7 @@ class Engine:
                 kv_cache_tokens=a.kv_cache_tokens,
                 cuda_graphs=a.cuda_graphs,
                 compile_level=1 if a.compile else 0,
+                options=parse_continuous_options(a.continuous_options or ""),
             )
         elif kind == "static":
             from zhtune.infer.static import StaticBackend
