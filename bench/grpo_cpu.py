@@ -55,8 +55,16 @@ def evaluate(name: str, adapter: str, heldout: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sft_steps", type=int, default=40)
-    ap.add_argument("--grpo_steps", type=int, default=30)
+    ap.add_argument(
+        "--sft_steps", type=int, default=75, help="the demo-sentiment recipe's SFT: 75 steps of 8"
+    )
+    ap.add_argument("--train", type=int, default=2000, help="training reviews (balanced)")
+    ap.add_argument("--heldout", type=int, default=200, help="held-out reviews (balanced)")
+    ap.add_argument("--max_chars", type=int, default=60, help="longest review kept, in characters")
+    ap.add_argument("--grpo_steps", type=int, default=40)
+    ap.add_argument("--grpo_lr", type=float, default=5e-5)
+    ap.add_argument("--num_generations", type=int, default=8)
+    ap.add_argument("--grpo_batch", type=int, default=16, help="replies per step (a multiple of the group)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--work", type=Path, default=Path("runs/bench_grpo_cpu"))
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "grpo_cpu.json")
@@ -70,17 +78,18 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     res = json.loads(a.out.read_text()) if a.out.is_file() else {}
-    res["setup"] = {"sft_steps": a.sft_steps, "grpo_steps": a.grpo_steps, "threads": a.threads,
-                    "cores": os.cpu_count()}  # fmt: skip
-    data = build_data({"output_dir": str(a.work / "data"), "sentiment_train": 400, "sentiment_eval": 100,
-                       "ner_train": 0, "ner_eval": 0, "max_review_chars": 40, "overwrite_output_dir": True})  # fmt: skip
+    res["setup"] = {k: v for k, v in vars(a).items() if k not in ("work", "out")} | {"cores": os.cpu_count()}
+    data = build_data({"output_dir": str(a.work / "data"), "sentiment_train": a.train, "sentiment_eval": a.heldout,
+                       "ner_train": 0, "ner_eval": 0, "max_review_chars": a.max_chars, "overwrite_output_dir": True,
+                       "seed": 0})  # fmt: skip
     files = data["files"]
     common = {"model_name_or_path": "default", "template": "chatml", "report_to": "none", "lora_rank": 16,
               "lora_alpha": 32, "logging_steps": 1, "overwrite_output_dir": True}  # fmt: skip
     if "sft" not in res:
         t0 = time.time()
         s = sft({**common, "train_files": [files["sft_train"]], "output_dir": str(a.work / "sft"),
-                 "max_seq_length": 128, "learning_rate": 1e-3, "max_steps": a.sft_steps,
+                 "max_seq_length": 192, "learning_rate": 1e-3, "max_steps": a.sft_steps,
+                 "lr_scheduler_type": "cosine", "warmup_ratio": 0.05, "lora_dropout": 0.0, "seed": 0,
                  "per_device_train_batch_size": 8, "save_steps": a.sft_steps})  # fmt: skip
         res["sft"] = {"seconds": round(time.time() - t0, 1), "train_loss": s["metrics"].get("train_loss")}
         res["before"] = evaluate("sft", str(a.work / "sft"), files["sentiment_heldout"])
@@ -88,9 +97,10 @@ def main() -> None:
     if "grpo" not in res:
         t0 = time.time()
         s = grpo({**common, "peft_path": str(a.work / "sft"), "train_files": [files["sft_train"]],
-                  "output_dir": str(a.work / "grpo"), "reward": "label", "num_generations": 4,
-                  "per_device_train_batch_size": 16, "max_completion_length": 8, "max_seq_length": 128,
-                  "learning_rate": 2e-5, "max_steps": a.grpo_steps, "save_steps": a.grpo_steps})  # fmt: skip
+                  "output_dir": str(a.work / "grpo"), "reward": "label", "num_generations": a.num_generations,
+                  "per_device_train_batch_size": a.grpo_batch, "max_completion_length": 8, "max_seq_length": 192,
+                  "learning_rate": a.grpo_lr, "max_steps": a.grpo_steps, "save_steps": a.grpo_steps,
+                  "lora_dropout": 0.0, "seed": 0})  # fmt: skip
         rewards = [h["reward"] for h in s["log_history"] if "reward" in h]
         half = len(rewards) // 2
         res["grpo"] = {

@@ -231,3 +231,15 @@ def test_the_report_gives_mean_and_spread_over_seeds(tmp_path):
         0.8,
     ]
     assert (tmp_path / "run" / "compare" / "arms.png").is_file()
+
+
+def test_which_way_each_metric_is_better():
+    from zhtune.eval.report import direction
+
+    assert direction("{:.4f}", "bits/char") == -1 and direction("{:.4f}", "response bits/char") == -1
+    assert direction("pct", "replies with U+FFFD") == -1 and direction("pct", "repetitive replies") == -1
+    assert direction("pct", "accuracy") == 1 and direction("pct", "chosen likelier") == 1
+    assert direction("pct", "F1") == 1 and direction("pct", "exact match") == 1
+    assert direction("{:.2f}", "perplexity") == 0 and direction("{:.1f}", "Han chars/s") == 0
+    assert direction("{:.3f}", "tokens/char") == 0
+    assert direction("pct", "  正面") == 0 and direction("{:+.3f}", "  mean margin (nats)") == 0

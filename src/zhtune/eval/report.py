@@ -16,6 +16,22 @@ TEXT_METRICS = (
 )
 
 
+# which way each headline label of metric_rows is better: lower for these, none for these (counts, speeds and
+# per-token figures that differ between tokenizers), higher for the rest that are percentages, F1 or accuracy
+LOWER_IS_BETTER = frozenset({"bits/char", "response bits/char", "replies with U+FFFD", "repetitive replies"})
+NOT_A_SCORE = frozenset({"perplexity", "tokens/char", "Han chars/s"})
+
+
+def direction(fmt: str, label: str) -> int:
+    """+1 when higher is better, -1 when lower is, 0 for figures that are not scores and for sub-rows
+    (labels that start with spaces: per label, per category, counts)."""
+    if label.startswith(" ") or label in NOT_A_SCORE:
+        return 0
+    if label in LOWER_IS_BETTER:
+        return -1
+    return 1 if fmt == "pct" or label in ("F1", "accuracy") else 0
+
+
 def _pct(v: Any) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
 

@@ -80,15 +80,6 @@ def combined(arms: list[dict[str, Any]]) -> dict[str, Any] | None:
     return {"results": results, "tasks": tasks}
 
 
-def _better(fmt: str, metric: str) -> int:
-    """+1 when higher is better, -1 when lower is, 0 when the metric is not a score (counts, speeds)."""
-    if metric.strip() in ("bits/char", "response bits/char", "replies with U+FFFD", "repetitive replies"):
-        return -1
-    if metric.strip() in ("perplexity", "tokens/char", "Han chars/s") or metric.startswith(" "):
-        return 0
-    return 1 if fmt == "pct" or metric.strip() in ("F1", "accuracy") else 0
-
-
 def _fmt_tokens(n: float | None) -> str:
     if not n:
         return "-"
@@ -146,6 +137,7 @@ def write_comparison(
 ) -> Path:
     """The report of the arms ``runs`` ((arm, seed or None) each) under ``run_dir``/arms."""
     from zhtune.atomic import atomic_write_text
+    from zhtune.eval.report import direction
     from zhtune.pipeline.report import _cell as md
     from zhtune.pipeline.report import _fmt_s, bar_grid
 
@@ -199,7 +191,7 @@ def write_comparison(
         lines += ["## Held-out evaluation", "", "| task | metric | " + " | ".join(columns) + " | best |"]
         lines.append("|---|---|" + "---:|" * len(columns) + "---|")
         for (task, metric), (fmt, per_col) in metrics.items():
-            sign = _better(fmt, metric)
+            sign = direction(fmt, metric)
             means = [_spread(v)[0] for v in per_col]
             arm_means = [(c, m) for c, m in zip(columns, means) if c != "base" and m is not None]
             best = "-"
