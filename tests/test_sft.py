@@ -208,6 +208,22 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_llama_sp, alpaca_file
         )
     )
     assert losses(a) == pytest.approx(losses(b), abs=1e-5)
+    # the saved activations in host memory (on a CPU they are there already): checkpointing on, same losses
+    c = sft(
+        base_cfg(
+            tiny_llama_sp,
+            alpaca_file,
+            tmp_path / "o",
+            tmp_path / "c",
+            max_steps=2,
+            gradient_checkpointing_offload=True,
+        )
+    )
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "o" / "zhtune_config.yaml").read_text())
+    assert saved["train"]["gradient_checkpointing"] is True
+    assert losses(a) == pytest.approx(losses(c), abs=1e-5)
 
 
 def test_dataset_with_no_usable_sample_is_an_error(tiny_llama_sp, tmp_path):

@@ -168,6 +168,12 @@ class TrainArgs:
         "Recompute activations in backward to save memory (about a third slower). Default: on only when the "
         "estimated memory of a step does not fit the GPU.",
     )
+    gradient_checkpointing_offload: bool = field(
+        False,
+        "With gradient checkpointing: keep the activations saved for the recompute in pinned host memory "
+        "instead of on the GPU (frees layers x sequence x hidden of GPU memory, for long sequences on small "
+        "cards; each step copies them out and back, so it is slower). Turns gradient checkpointing on.",
+    )
     bf16: bool | None = field(None, "bfloat16 mixed precision (default: on where the GPU supports it).")
     fp16: bool = field(False, "float16 mixed precision with loss scaling.")
     seed: int = field(42, "Random seed for initialisation, shuffling and dropout.")

@@ -43,7 +43,7 @@ DERIVED = (
 # TrainArgs fields zhtune acts on itself (model setup, resume, speed plan, guards); the Trainer never sees
 # them, even where TrainingArguments has a field of that name (gradient_checkpointing, use_liger_kernel)
 ZHTUNE_ONLY = (
-    "overwrite_output_dir", "gradient_checkpointing", "resume_from_checkpoint", "padding_free", "packing",
+    "overwrite_output_dir", "gradient_checkpointing", "gradient_checkpointing_offload", "resume_from_checkpoint", "padding_free", "packing",
     "use_liger_kernel", "chunked_loss", "compile_layers", "fused_lora", "max_skipped_steps", "extra",
 )  # fmt: skip
 

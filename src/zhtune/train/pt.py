@@ -120,10 +120,13 @@ def prepare_stage(ctx: RunContext, model: Any, resize: Any) -> Any:
                 "--new_rows_only needs --weight_decay 0 (decay would also shrink the base rows)"
             )
         rows = resize.base_vocab
+    from zhtune.train.setup import enable_checkpointing
+
     freeze_all_but_embeddings(model, rows)
+    if t.gradient_checkpointing_offload:
+        t.gradient_checkpointing = True
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_checkpointing(model, t)
     return model
 
 

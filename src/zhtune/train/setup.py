@@ -25,6 +25,8 @@ def resolve_checkpointing(
 ) -> bool:
     """--gradient_checkpointing as given, or (unset) on only when a step would not fit the GPU's memory.
     The decision is written back into ``targs`` so the saved config records it."""
+    if targs.gradient_checkpointing_offload:
+        targs.gradient_checkpointing = True
     if targs.gradient_checkpointing is None:
         from zhtune.train.speed import needs_checkpointing
 
@@ -34,6 +36,20 @@ def resolve_checkpointing(
         log.info("gradient checkpointing %s", why)
         targs.gradient_checkpointing = on
     return bool(targs.gradient_checkpointing)
+
+
+def enable_checkpointing(model: Any, targs: TrainArgs) -> None:
+    """Gradient checkpointing of every decoder layer, its saved activations in pinned host memory with
+    --gradient_checkpointing_offload (transformers' ``offload``) where the model is on an accelerator."""
+
+    offload = bool(targs.gradient_checkpointing_offload)
+    if offload and next(model.parameters()).device.type == "cpu":
+        log.info("--gradient_checkpointing_offload: the model is in host memory already; nothing to offload")
+        offload = False
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}, offload=offload
+    )
+    model.config.use_cache = False
 
 
 def prepare_for_training(
@@ -57,22 +73,22 @@ def prepare_for_training(
             )
         model.requires_grad_(True)
         if targs.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
+            enable_checkpointing(model, targs)
         return model
 
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    if quantized:
+    if quantized:  # (its own checkpointing call knows no offload: ours below replaces it)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=targs.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif targs.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     if targs.gradient_checkpointing:
+        if not quantized or targs.gradient_checkpointing_offload:
+            enable_checkpointing(model, targs)
+        if not quantized:
+            model.enable_input_require_grads()
         model.config.use_cache = False
 
     if largs.peft_path:
