@@ -92,7 +92,7 @@ def hf_stepper(side: str) -> Callable[[int], None]:
     return step
 
 
-def zhtune_stepper() -> Callable[[int], None]:
+def zhtune_stepper(opts: dict | None = None) -> Callable[[int], None]:
     import torch
     from speed_sides import zhtune_model
 
@@ -100,7 +100,7 @@ def zhtune_stepper() -> Callable[[int], None]:
     from zhtune.train.packing import PackingCollator
     from zhtune.train.trainer import ZhTrainer
 
-    model, zc, _n = zhtune_model(CASE, {}, 1)
+    model, zc, _n = zhtune_model(CASE, {"opts": opts or {}}, 1)
     zc.train.max_steps = 1
     vocab = model.config.vocab_size
 
@@ -125,7 +125,10 @@ def longest_seq(side: str) -> dict:
         raise RuntimeError("the memory cap and the 4-bit base need CUDA")
     rec = {"side": side, "case": "longest_seq_7b_qlora", "mem_gib": C.A.mem_gib}
     t0 = time.time()
-    step = zhtune_stepper() if side == "zhtune" else hf_stepper(side)
+    if side == "zhtune_offload":
+        step = zhtune_stepper({"gradient_checkpointing_offload": True})
+    else:
+        step = zhtune_stepper() if side == "zhtune" else hf_stepper(side)
     rec["load_s"] = round(time.time() - t0, 1)
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, C.A.mem_gib * 2**30 / total))

@@ -57,7 +57,8 @@ from pathlib import Path
 import speed_common as C
 
 SIDES = ["zhtune", "baseline", "liger", "unsloth"]
-LABELS = {"baseline": "HF+PEFT", "liger": "HF+PEFT+Liger", "unsloth": "unsloth", "zhtune": "zhtune"}
+LABELS = {"baseline": "HF+PEFT", "liger": "HF+PEFT+Liger", "unsloth": "unsloth", "zhtune": "zhtune",
+          "zhtune_offload": "zhtune --gradient_checkpointing_offload"}  # fmt: skip
 GROUPS = [
     ["7b_s2048"],
     ["7b_s2048_gc", "7b_qlora_s2048"],
@@ -197,7 +198,8 @@ def plan_groups(
     for group in GROUPS:
         want = [c for c in group if c in cases]
         if want == ["longest_seq"]:
-            runs += [(s, s, want, [{}]) for s in sides if s in C.A.longest_sides.split(",")]
+            longest = [s for s in C.A.longest_sides.split(",") if s.removesuffix("_offload") in sides]
+            runs += [(s, s, want, [{}]) for s in longest]
             continue
         for side in sides if want else []:
             vs = [v for v in with_liger if set(v.get("only", want)) & set(want)] if side == "zhtune" else [{}]
@@ -300,7 +302,9 @@ def parse() -> argparse.Namespace:
         "--variants", default="default", help="extra zhtune variants: JSON list of {tag, opts, only}"
     )
     ap.add_argument(
-        "--longest_sides", default="baseline,zhtune", help="columns of the longest-sequence search"
+        "--longest_sides",
+        default="baseline,zhtune,zhtune_offload",
+        help="columns of the longest-sequence search (zhtune_offload: zhtune with --gradient_checkpointing_offload)",
     )
     ap.add_argument("--mem_gib", type=float, default=16.0, help="memory cap of the longest-sequence search")
     ap.add_argument("--mem_max_seq", type=int, default=131072)
