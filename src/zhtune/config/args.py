@@ -235,6 +235,8 @@ class TrainArgs:
     def __post_init__(self) -> None:
         if self.bf16 and self.fp16:
             raise ConfigError("choose one of --bf16 and --fp16")
+        if self.gradient_checkpointing_offload:  # offloading is a way of checkpointing
+            self.gradient_checkpointing = True
         for name in (
             "per_device_train_batch_size",
             "gradient_accumulation_steps",

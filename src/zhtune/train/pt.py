@@ -123,8 +123,6 @@ def prepare_stage(ctx: RunContext, model: Any, resize: Any) -> Any:
     from zhtune.train.setup import enable_checkpointing
 
     freeze_all_but_embeddings(model, rows)
-    if t.gradient_checkpointing_offload:
-        t.gradient_checkpointing = True
     if t.gradient_checkpointing:
         enable_checkpointing(model, t)
     return model

@@ -25,8 +25,6 @@ def resolve_checkpointing(
 ) -> bool:
     """--gradient_checkpointing as given, or (unset) on only when a step would not fit the GPU's memory.
     The decision is written back into ``targs`` so the saved config records it."""
-    if targs.gradient_checkpointing_offload:
-        targs.gradient_checkpointing = True
     if targs.gradient_checkpointing is None:
         from zhtune.train.speed import needs_checkpointing
 
