@@ -161,27 +161,24 @@ SWEEP: list[tuple[str, dict[str, Any], bool]] = [
 def cb_arm(model: Any, tok: Any, settings: dict[str, Any], guard: bool, c: int, n: int) -> dict[str, Any]:
     """``2 * c`` sampled requests of ``n`` new tokens through one continuous batching engine, ``c`` at once."""
     from concurrent.futures import ThreadPoolExecutor
+    from unittest import mock
 
     import torch
 
     from zhtune.config.args import GenerationArgs
-    from zhtune.infer.backends import ContinuousBackend
-    from zhtune.infer.engine import Engine, EngineArgs, parse_continuous_options
+    from zhtune.infer import utf8_continuous
+    from zhtune.infer.engine import Engine, EngineArgs
     from zhtune.text.templates import get_format
 
-    a = EngineArgs(backend="continuous", max_batch_size=c, **settings)
-    engine = Engine(model, tok, get_format(tok), a)
-    t = time.perf_counter()
-    engine.backend = ContinuousBackend(
-        model,
-        tok,
-        engine.stop_ids,
-        max_batch_size=c,
-        cuda_graphs=a.cuda_graphs,
-        compile_level=1 if a.compile else 0,
-        options=parse_continuous_options(a.continuous_options or ""),
-        utf8_guard=guard,
+    engine = Engine(
+        model, tok, get_format(tok), EngineArgs(backend="continuous", max_batch_size=c, **settings)
     )
+    t = time.perf_counter()
+    # the arms without the guard leave it out as a server never does: by not installing it
+    with mock.patch.object(
+        utf8_continuous, "install", utf8_continuous.install if guard else lambda m, g: False
+    ):
+        engine.start("continuous")
     g = GenerationArgs(max_new_tokens=n, temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.0)
 
     def wave(count: int, tokens: int, first: int) -> tuple[float, int, list[Any]]:

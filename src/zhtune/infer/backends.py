@@ -211,7 +211,6 @@ class ContinuousBackend:
         compile_level: int = 0,
         seed: int | None = None,
         options: dict[str, Any] | None = None,
-        utf8_guard: bool = True,
     ):
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -255,8 +254,7 @@ class ContinuousBackend:
         )
         from zhtune.infer.utf8_continuous import install
 
-        guard = Utf8Guard.for_tokenizer(tokenizer, always=self.stop_ids) if utf8_guard else None
-        self.utf8_guard = install(self.manager, guard)
+        self.utf8_guard = install(self.manager, Utf8Guard.for_tokenizer(tokenizer, always=self.stop_ids))
         if on_gpu and (cuda_graphs or compile_level):
             self.manager.warmup()
         self.manager.start()
