@@ -56,7 +56,8 @@ timeout --signal=TERM --kill-after=10 $((BENCH_END - $(elapsed))) $PY bench/trai
   --cases "$CASES" --budget "$BUDGET" --grace 100 --work /tmp/zhtune_bench --profile 7b_s2048 \
   --variants '[{"tag":"nofused","opts":{"fused_lora":false},"only":["7b_s2048","7b_qlora_s2048"]},
                {"tag":"compile","opts":{"use_liger_kernel":false,"compile_layers":true},"only":["7b_s2048"]},
-               {"tag":"compile+fused","opts":{"use_liger_kernel":false,"compile_layers":true,"fused_lora":true},"only":["7b_s2048"]}]' \
+               {"tag":"compile+fused","opts":{"use_liger_kernel":false,"compile_layers":true,"fused_lora":true},"only":["7b_s2048"]},
+               {"tag":"fp8","opts":{"fp8_base":true},"only":["7b_s2048","7b_s2048_gc"]}]' \
   $EXTRA 2>&1 | tee -a "$LOG"
 say "bench ended (rc ${PIPESTATUS[0]}) at $(elapsed)s"
 if [ -f "$RES/train_speed.json" ]; then
@@ -64,8 +65,8 @@ if [ -f "$RES/train_speed.json" ]; then
     || say "table.md could not be written"
 fi
 
-say "fused-LoRA GPU tests"
-timeout 70 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_fused_lora.py -rs >"$RES/tests.txt" 2>&1
+say "fused-LoRA and FP8 GPU tests"
+timeout 70 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_fused_lora.py tests/test_fp8.py -rs >"$RES/tests.txt" 2>&1
 say "tests rc $? at $(elapsed)s: $(tail -1 "$RES/tests.txt")"
 
 if [ -n "${OUT:-}" ]; then

@@ -44,7 +44,7 @@ DERIVED = (
 # them, even where TrainingArguments has a field of that name (gradient_checkpointing, use_liger_kernel)
 ZHTUNE_ONLY = (
     "overwrite_output_dir", "gradient_checkpointing", "gradient_checkpointing_offload", "resume_from_checkpoint", "padding_free", "packing",
-    "use_liger_kernel", "chunked_loss", "compile_layers", "fused_lora", "max_skipped_steps", "extra",
+    "use_liger_kernel", "chunked_loss", "compile_layers", "fused_lora", "fp8_base", "max_skipped_steps", "extra",
 )  # fmt: skip
 
 

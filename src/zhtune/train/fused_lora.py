@@ -19,7 +19,8 @@ GEMM's accumulate. This is the layout unsloth's ``matmul_lora`` uses.
 LoRA dropout > 0: A reads ``dropout(x)``, W reads x, so the two input gradients are returned separately and
 autograd adds them (after dropout's own backward); the dropout module is peft's own, so the masks are the
 ones peft would draw. A 4-bit (bitsandbytes NF4/FP4) base is dequantized inside the function, in forward and
-again in backward, as bitsandbytes itself does; the dequantized weight is never kept.
+again in backward, as bitsandbytes itself does; the dequantized weight is never kept. An FP8 base
+(train.fp8, ``--fp8_base``) multiplies in FP8 inside the function: its two GEMMs become scaled-mm calls.
 
 Installation is per layer instance: ``fuse`` sets the ``forward`` attribute of each eligible peft
 ``lora.Linear`` / ``lora.Linear4bit`` to a ``FusedForward`` object, ``unfuse`` deletes it again; peft's classes
@@ -36,6 +37,8 @@ from typing import Any
 
 import torch
 
+from zhtune.train.fp8 import FP8Linear, FP8Weight
+
 log = logging.getLogger(__name__)
 
 
@@ -49,6 +52,16 @@ def weight_dtype(weight: torch.Tensor) -> torch.dtype | None:
         state = getattr(weight, "quant_state", None)
         return None if state is None else state.dtype
     return weight.dtype
+
+
+def base_dtype(base: torch.nn.Module) -> torch.dtype | None:
+    """The dtype a LoRA layer's base computes in (FP8 or 4-bit: the dtype it was quantized from)."""
+    return base.compute_dtype if isinstance(base, FP8Linear) else weight_dtype(base.weight)
+
+
+def base_weight(base: torch.nn.Module) -> torch.Tensor | FP8Weight:
+    """What LoRAMatmul multiplies by: the base's weight, or its FP8Weight."""
+    return base.fp8 if isinstance(base, FP8Linear) else base.weight
 
 
 def dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -67,9 +80,14 @@ class LoRAMatmul(torch.autograd.Function):
     def forward(ctx, x, x_lora, a, b, weight, bias, scaling: float, dtype: torch.dtype):  # noqa: ANN001
         k = x.shape[-1]
         x2 = x.reshape(-1, k).to(dtype)
-        w = dense_weight(weight, dtype)
-        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
-        del w
+        if isinstance(weight, FP8Weight):
+            y = weight.matmul(x2, dtype)
+            if bias is not None:
+                y.add_(bias.to(dtype))
+        else:
+            w = dense_weight(weight, dtype)
+            y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+            del w
         ac, bc = a.to(dtype), b.to(dtype)
         src = x2 if x_lora is None else x_lora.reshape(-1, k).to(dtype)
         u = torch.mm(src, ac.t()).mul_(scaling)  # tokens x rank
@@ -93,7 +111,12 @@ class LoRAMatmul(torch.autograd.Function):
         if need_a:
             da = torch.mm(g.t(), src).to(ctx.param_dtypes[0])
         if need_x:
-            dx = torch.mm(dy2, dense_weight(ctx.weight, ctx.dtype))
+            w = ctx.weight
+            dx = (
+                w.matmul_t(dy2, ctx.dtype)
+                if isinstance(w, FP8Weight)
+                else torch.mm(dy2, dense_weight(w, ctx.dtype))
+            )
             if ctx.xl_meta is None:
                 dx.addmm_(g, ac)
             shape, dtype = ctx.x_meta
@@ -140,7 +163,7 @@ def compute_dtype(layer: Any, name: str, x: torch.Tensor) -> torch.dtype | None:
         return None
     if base._forward_hooks or base._forward_pre_hooks:
         return None
-    wdt = weight_dtype(w)
+    wdt = base_dtype(base)
     if wdt is None:
         return None
     kind = x.device.type
@@ -173,7 +196,7 @@ class FusedForward:
             x_lora,
             layer.lora_A[name].weight,
             layer.lora_B[name].weight,
-            base.weight,
+            base_weight(base),
             base.bias,
             float(layer.scaling[name]),
             dtype,
@@ -186,6 +209,8 @@ def eligible(module: torch.nn.Module, classes: tuple[type, ...]) -> bool:
     base = module.base_layer
     if getattr(module, "fan_in_fan_out", False) or module.lora_variant or "forward" in base.__dict__:
         return False
+    if isinstance(base, FP8Linear):
+        return True
     w = getattr(base, "weight", None)
     return isinstance(base, torch.nn.Linear) and w is not None and (w.is_floating_point() or is_4bit(w))
 
@@ -222,7 +247,7 @@ def check_layer(layer: torch.nn.Module, dtype: torch.dtype | None, tokens: int =
     dev = base.weight.device
     name = next(iter(layer.lora_A))
     a0, b0 = layer.lora_A[name].weight, layer.lora_B[name].weight
-    if dtype is None and weight_dtype(base.weight) != a0.dtype:
+    if dtype is None and base_dtype(base) != a0.dtype:
         return None  # compute_dtype sends every such call to peft: nothing fused to check
     (r, k), xdt = a0.shape, (dtype or a0.dtype)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -237,7 +262,7 @@ def check_layer(layer: torch.nn.Module, dtype: torch.dtype | None, tokens: int =
     with torch.autocast(dev.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         ref = base(x) + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * s
         cd = dtype or x.dtype
-        out = LoRAMatmul.apply(x, None, a, b, base.weight, base.bias, s, cd)
+        out = LoRAMatmul.apply(x, None, a, b, base_weight(base), base.bias, s, cd)
     dy = torch.randn(ref.shape, generator=g, device=dev).to(ref.dtype)
     want = (ref, *torch.autograd.grad(ref, (x, a, b), dy))
     got = (out, *torch.autograd.grad(out, (x, a, b), dy))
@@ -253,7 +278,8 @@ def self_check(model: torch.nn.Module, dtype: torch.dtype | None) -> str | None:
     """check_layer on one fused layer of each kind (dense, 4-bit); what differs, or None."""
     seen: set[str] = set()
     for layer in fused_layers(model):
-        kind = "4-bit" if is_4bit(layer.base_layer.weight) else "dense"
+        base = layer.base_layer
+        kind = "FP8" if isinstance(base, FP8Linear) else "4-bit" if is_4bit(base.weight) else "dense"
         if kind not in seen:
             seen.add(kind)
             why = check_layer(layer, dtype)

@@ -17,6 +17,9 @@ What it decides, and why each keeps the loss curve of the plain path (within bf1
   and add in forward and their gradients (and autograd's sum of the two input gradients) in backward. A
   self-check against peft's arithmetic on one layer of each kind runs before it is used; if it fails, the
   plain path is kept and the summary says why.
+* FP8 base (train.fp8, ``--fp8_base true``, off by default): the frozen projections under LoRA kept and
+  multiplied in FP8 e4m3 with row-wise scales on GPUs with FP8 tensor cores; it changes the arithmetic (the
+  loss curve is not bf16's), so it is asked for, never chosen.
 * Regional ``torch.compile`` of the decoder layers (``--compile_layers true``): one compiled graph reused by
   every layer; it fuses the norms, RoPE, SwiGLU and LoRA's scale-and-add and cuts the Python work per step,
   which bounds a 7B LoRA step about as much as the GPU does. Measured on an H100 against the plain path in the
@@ -48,6 +51,7 @@ class SpeedPlan:
     loss: str = "plain"  # plain | chunked | liger
     compiled_layers: int = 0
     fused_lora: int = 0
+    fp8_layers: int = 0
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -60,6 +64,8 @@ class SpeedPlan:
         parts.append(
             {"plain": "plain loss", "chunked": "chunked loss", "liger": "fused linear CE loss"}[self.loss]
         )
+        if self.fp8_layers:
+            parts.append(f"FP8 base ({self.fp8_layers} layers)")
         if self.fused_lora:
             parts.append(f"fused LoRA ({self.fused_lora} layers)")
         if self.compiled_layers:
@@ -237,6 +243,11 @@ def plan(model: Any, args: Any, t: Any | None, attn_requested: str | None = None
         # dense masked square (3.46x against 2.77x the padded baseline on the real SFT lengths, on an H100)
         base_model(model).set_attn_implementation("flex_attention")
         p.notes.append("flex attention for packed rows")
+    if t is not None and getattr(t, "fp8_base", False):
+        from zhtune.train import fp8
+
+        device = str(next(model.parameters()).device)
+        p.fp8_layers = fp8.convert_for_training(model, args, device)
     want_fused = getattr(t, "fused_lora", None) if t is not None else None
     p.fused_lora, note = fuse_lora(model, mixed, want_fused, want_compile, sharded)
     if note:
