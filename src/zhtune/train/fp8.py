@@ -56,14 +56,13 @@ def scaled_mm(a: torch.Tensor, sa: torch.Tensor, b_t: torch.Tensor, sb: torch.Te
 class FP8Weight:
     """A frozen weight (out x in) in e4m3 with one float32 scale per output row."""
 
-    def __init__(self, data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
-        self.data, self.scale, self.dtype = data, scale, dtype
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor):
+        self.data, self.scale = data, scale
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> FP8Weight:
-        w = weight.detach()
-        q, s = quantize_rows(w.float())
-        return cls(q, s.view(-1), w.dtype)
+        q, s = quantize_rows(weight.detach().float())
+        return cls(q, s.view(-1))
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.data.to(torch.float32) * self.scale[:, None]).to(dtype)
@@ -101,24 +100,24 @@ class FP8Matmul(torch.autograd.Function):
 
 class FP8Linear(torch.nn.Module):
     """A frozen ``nn.Linear`` whose weight is kept and multiplied in FP8 (see the module's docstring).
-    ``weight`` is the e4m3 tensor (so ``.device`` and ``.shape`` answer as for a Linear), ``fp8`` the weight
-    with its scales; neither is in the state dict (the checkpoint of a LoRA run is its adapter)."""
+    ``weight`` is the e4m3 tensor (so ``.device`` and ``.shape`` answer as for a Linear) and ``weight_scale``
+    its row scales; neither is in the state dict (the checkpoint of a LoRA run is its adapter)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.fp8 = FP8Weight.of(linear.weight)
+        fp8 = FP8Weight.of(linear.weight)
         self.compute_dtype = linear.weight.dtype
-        self.register_buffer("weight", self.fp8.data, persistent=False)
-        self.register_buffer("weight_scale", self.fp8.scale, persistent=False)
+        self.register_buffer("weight", fp8.data, persistent=False)
+        self.register_buffer("weight_scale", fp8.scale, persistent=False)
         self.bias = linear.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - .to()/.cuda() move the buffers; keep fp8 in step
-        out = super()._apply(fn, recurse)
-        self.fp8 = FP8Weight(self.weight, self.weight_scale, self.compute_dtype)
-        return out
+    @property
+    def fp8(self) -> FP8Weight:
+        """The weight with its scales, as the buffers are now (wherever .to() moved them)."""
+        return FP8Weight(self.weight, self.weight_scale)
 
     def dtype_for(self, x: torch.Tensor) -> torch.dtype:
         kind = x.device.type
@@ -164,11 +163,11 @@ def convert(model: torch.nn.Module) -> int:
     return n
 
 
-def convert_for_training(model: Any, args: Any, device: str) -> int:
+def convert_for_training(model: Any, sharded: bool, device: str) -> int:
     """--fp8_base true: convert, or a ConfigError saying why this model or device cannot."""
     from zhtune.errors import ConfigError
 
-    if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+    if sharded:
         raise ConfigError("--fp8_base true cannot be combined with --fsdp/--deepspeed (sharded weights)")
     why = fp8_support(device)
     if why:

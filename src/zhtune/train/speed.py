@@ -247,7 +247,7 @@ def plan(model: Any, args: Any, t: Any | None, attn_requested: str | None = None
         from zhtune.train import fp8
 
         device = str(next(model.parameters()).device)
-        p.fp8_layers = fp8.convert_for_training(model, args, device)
+        p.fp8_layers = fp8.convert_for_training(model, sharded, device)
     want_fused = getattr(t, "fused_lora", None) if t is not None else None
     p.fused_lora, note = fuse_lora(model, mixed, want_fused, want_compile, sharded)
     if note:
