@@ -105,6 +105,8 @@ def run_side(side: str, cases: list[str], variants: list[dict]) -> None:
     except Exception as e:  # noqa: BLE001 - every case of this column records it
         setup_error = (f"{type(e).__name__}: {e}"[:1500], traceback.format_exc()[-3000:])
     for v in variants if side == "zhtune" else [{}]:
+        if side == "zhtune":  # each variant compiles afresh: no recompile limit carried over from the last
+            torch._dynamo.reset()
         for name in cases:
             if name not in v.get("only", [name]):
                 continue
