@@ -312,7 +312,10 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--mem_max_seq", type=int, default=131072)
     ap.add_argument("--mem_step", type=int, default=1024, help="resolution of the longest-sequence search")
     ap.add_argument(
-        "--profile", default="", help="zhtune cases whose 5th step is profiled (kernel time by kind)"
+        "--profile",
+        default="",
+        help="zhtune cases whose 5th step is profiled (kernel time by kind), in the variant tagged 'profile' "
+        "only: a profiled process runs slower afterwards, so give that variant last",
     )
     ap.add_argument("--budget", type=float, default=0.0, help="skip what would start after this many seconds")
     ap.add_argument(

@@ -244,48 +244,6 @@ def test_sft_with_fused_lora_gives_the_plain_losses(tiny_llama_sp, tmp_path, cap
     assert max(rel(wf[k], wp[k]) for k in wf) < 1e-4
 
 
-def test_compile_is_default_only_where_it_was_measured(monkeypatch):
-    """LoRA on one CUDA GPU in bf16 with an unquantized base: compiled by default; each other case says why
-    not; the flag always wins; on a CPU nothing is compiled and nothing is said."""
-    from types import SimpleNamespace
-
-    from zhtune import deps
-    from zhtune.train.speed import compile_choice, plan
-
-    monkeypatch.setattr(deps, "available", lambda name: True)
-    model = _lora_tiny()
-    t = SimpleNamespace(compile_layers=None, packing=False, fp8_base=False, use_liger_kernel=None)
-    args = SimpleNamespace(world_size=1)
-    assert compile_choice(model, args, t, "bf16", False, on_gpu=True) == (True, True, "")
-    assert compile_choice(model, args, t, "bf16", False, on_gpu=False) == (False, False, "")
-    for change, why in [
-        ({"packing": True}, "--packing"),
-        ({"fp8_base": True}, "--fp8_base"),
-        ({"use_liger_kernel": True}, "--use_liger_kernel true"),
-        ({"fused_lora": True}, "--fused_lora true"),
-        ({"gradient_checkpointing_offload": True}, "offloaded checkpointing"),
-    ]:
-        tt = SimpleNamespace(**{**vars(t), **change})
-        assert compile_choice(model, args, tt, "bf16", False, True) == (False, False, f"layers not compiled ({why})")
-    assert compile_choice(model, args, t, None, False, True)[2] == "layers not compiled (fp32 training)"
-    assert compile_choice(model, args, t, "bf16", True, True)[2] == "layers not compiled (several processes)"
-    ddp = SimpleNamespace(world_size=2)
-    assert compile_choice(model, ddp, t, "bf16", False, True)[2] == "layers not compiled (several processes)"
-    assert compile_choice(tiny(), args, t, "bf16", False, True)[2] == "layers not compiled (not LoRA)"
-    quant = _lora_tiny()
-    quant.get_base_model().config.quantization_config = {"load_in_4bit": True}
-    assert compile_choice(quant, args, t, "bf16", False, True)[2] == "layers not compiled (quantized base)"
-    monkeypatch.setattr(deps, "available", lambda name: name != "triton")
-    assert compile_choice(model, args, t, "bf16", False, True)[2] == "layers not compiled (triton is not installed)"
-    # the flag wins either way, on any device
-    assert compile_choice(model, args, SimpleNamespace(**{**vars(t), "compile_layers": False}), "bf16", False, True) == (
-        False, False, "")  # fmt: skip
-    assert compile_choice(tiny(), args, SimpleNamespace(compile_layers=True), None, False, False) == (True, False, "")
-    # the plan on this CPU: nothing compiled, nothing said about it
-    p = plan(_lora_tiny(), _plan_args(), SimpleNamespace(use_liger_kernel=False, chunked_loss=False))
-    assert p.compiled_layers == 0 and "compiled" not in p.summary()
-
-
 def test_compiled_kernels_are_cached_where_a_reboot_keeps_them(monkeypatch, tmp_path):
     from zhtune.train.speed import compile_cache_dir
 

@@ -20,20 +20,16 @@ What it decides, and why each keeps the loss curve of the plain path (within bf1
 * FP8 base (train.fp8, ``--fp8_base true``, off by default): the frozen projections under LoRA kept and
   multiplied in FP8 e4m3 with row-wise scales on GPUs with FP8 tensor cores; it changes the arithmetic (the
   loss curve is not bf16's), so it is asked for, never chosen.
-* Regional ``torch.compile`` of the decoder layers (``--compile_layers``): one compiled graph reused by every
-  layer; it fuses the norms, RoPE, SwiGLU and LoRA's scale-and-add and cuts the Python work per step, which
-  bounds a 7B LoRA step about as much as the GPU does. Measured on an H100 against the plain path in the same
-  run: 1.38x (Liger instead: 1.22x) at 7B, 1.42x (1.18x) with checkpointing, 1.61x (1.48x) at 1.1B; against
-  fused LoRA + Liger (the default before): 13,785 against 12,854 tok/s at 7B. On by default where that was
-  measured (``compile_choice``): LoRA on one CUDA GPU in bf16/fp16 with an unquantized base; not with
-  packing (flex attention), a 4-bit/8-bit or FP8 base, offloaded checkpointing, several processes, or where
-  Liger or fused LoRA is asked for. Where it is on by default, a layer dynamo cannot compile runs eager
-  (``suppress_errors``) instead of stopping the run. Fused LoRA stays off under it unless asked for (the
-  compiled graph already fuses the same element-wise work). Compiled kernels are cached on disk
-  (inductor's FX graph cache and AOTAutograd's, both on by default) under ~/.cache/zhtune/torchinductor
-  unless TORCHINDUCTOR_CACHE_DIR says otherwise (torch's own default, /tmp, is lost at reboot): on 2 CPU
-  cores a tiny LoRA model's first step took 169 s cold and 37 s warm (what is left is dynamo tracing).
-  bench/train_speed.py records ``first_step_s`` per run.
+* Regional ``torch.compile`` of the decoder layers (``--compile_layers true``): one compiled graph reused by
+  every layer; it fuses the norms, RoPE, SwiGLU and LoRA's scale-and-add and cuts the Python work per step.
+  Off by default, measured: on an H100 (bench/results/h100_run4) the default path (fused LoRA + Liger) ran
+  13,889 tok/s at 7B seq 2048 against 13,605 compiled, and 67,855 against 63,418 at 1.1B, with no compile
+  (the first step compiled for 20 s at 7B). Earlier runs, before fused LoRA, had compile ahead (1.38x against
+  1.22x at 7B). Fused LoRA stays off under it unless asked for (the compiled graph fuses the same
+  element-wise work; fused LoRA traced inside it measured slower, 11,392). Compiled kernels are cached on
+  disk (inductor's FX graph cache and AOTAutograd's, both on by default) under ~/.cache/zhtune/torchinductor
+  unless TORCHINDUCTOR_CACHE_DIR says otherwise (torch's own default, /tmp, is lost at reboot): at 7B a
+  second process's first step took 4.3 s instead of 21.3 s. bench/train_speed.py records ``first_step_s``.
 """
 
 from __future__ import annotations
@@ -55,7 +51,6 @@ class SpeedPlan:
     liger: bool = False
     loss: str = "plain"  # plain | chunked | liger
     compiled_layers: int = 0
-    compile_default: bool = False
     fused_lora: int = 0
     fp8_layers: int = 0
     notes: list[str] = field(default_factory=list)
@@ -75,8 +70,7 @@ class SpeedPlan:
         if self.fused_lora:
             parts.append(f"fused LoRA ({self.fused_lora} layers)")
         if self.compiled_layers:
-            how = " (default; --compile_layers false turns it off)" if self.compile_default else ""
-            parts.append(f"{self.compiled_layers} compiled layers{how}")
+            parts.append(f"{self.compiled_layers} compiled layers")
         return "; ".join(parts + self.notes)
 
 
@@ -129,59 +123,13 @@ def compile_cache_dir() -> str:
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
-def compile_layers(model: Any, fallback: bool = False) -> int:
-    """Compile each decoder layer in place (regional compilation: identical layers share one graph).
-    ``fallback``: a frame dynamo or inductor cannot compile runs eager instead of raising."""
+def compile_layers(model: Any) -> int:
+    """Compile each decoder layer in place (regional compilation: identical layers share one graph)."""
     compile_cache_dir()
-    if fallback:
-        import torch._dynamo
-
-        torch._dynamo.config.suppress_errors = True
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile()
     return len(layers)
-
-
-def is_quantized(model: Any) -> bool:
-    """A bitsandbytes 4-bit/8-bit base (or any quantization_config transformers loaded it with)."""
-    if getattr(getattr(base_model(model), "config", None), "quantization_config", None) is not None:
-        return True
-    return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
-
-
-def has_lora(model: Any) -> bool:
-    return any(hasattr(m, "lora_A") for m in model.modules())
-
-
-def compile_choice(
-    model: Any, args: Any, t: Any | None, mixed: str | None, sharded: bool, on_gpu: bool
-) -> tuple[bool, bool, str]:
-    """(compile the layers, by default, why not by default): ``--compile_layers`` as given, else on where it
-    was measured to pay and to train the same curve. The reason is for the summary (empty on a CPU)."""
-    want = getattr(t, "compile_layers", None) if t is not None else None
-    if want is not None:
-        return bool(want), False, ""
-    if not on_gpu:
-        return False, False, ""
-    from zhtune.deps import available
-
-    blockers = [
-        (mixed is None, "fp32 training"),
-        (not has_lora(model), "not LoRA"),
-        (is_quantized(model), "quantized base"),
-        (bool(getattr(t, "fp8_base", False)), "--fp8_base"),
-        (sharded or int(getattr(args, "world_size", 1) or 1) > 1, "several processes"),
-        (bool(getattr(t, "packing", False)), "--packing"),
-        (bool(getattr(t, "gradient_checkpointing_offload", False)), "offloaded checkpointing"),
-        (getattr(t, "use_liger_kernel", None) is True, "--use_liger_kernel true"),
-        (getattr(t, "fused_lora", None) is True, "--fused_lora true"),
-        (not available("triton"), "triton is not installed"),
-    ]
-    why = [w for hit, w in blockers if hit]
-    if why:
-        return False, False, f"layers not compiled ({', '.join(why)})"
-    return True, True, ""
 
 
 def estimate_step_bytes(model: Any, tokens_per_step: int, checkpointing: bool, full: bool = False) -> int:
@@ -263,10 +211,7 @@ def plan(model: Any, args: Any, t: Any | None, attn_requested: str | None = None
         p.adapter_input_casts_removed = keep_adapter_inputs(model)
 
     sharded = bool(getattr(args, "fsdp", None)) or bool(getattr(args, "deepspeed", None))
-    on_gpu = any(p.device.type == "cuda" for p in model.parameters())
-    want_compile, auto_compile, why_not = compile_choice(model, args, t, mixed, sharded, on_gpu)
-    if why_not:
-        p.notes.append(why_not)
+    want_compile = bool(getattr(t, "compile_layers", False)) if t is not None else False
     want_liger = getattr(t, "use_liger_kernel", None) if t is not None else None
     if want_liger is None:
         want_liger = bool(getattr(args, "use_liger_kernel", False)) or None
@@ -319,6 +264,5 @@ def plan(model: Any, args: Any, t: Any | None, attn_requested: str | None = None
     if note:
         p.notes.append(note)
     if want_compile:
-        p.compiled_layers = compile_layers(model, fallback=auto_compile)
-        p.compile_default = auto_compile
+        p.compiled_layers = compile_layers(model)
     return p
