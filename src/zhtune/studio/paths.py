@@ -90,6 +90,7 @@ NOT_PATHS = {
     "num_samples": "a count of tasks",
     "output_type": "huggingface or gguf",
     "fused_lora": "a yes/no switch",
+    "compile_layers": "a yes/no switch",
     "fp8_base": "a yes/no switch",
     "task_metric": "a metric name",
 }
