@@ -88,6 +88,7 @@ def train(a: argparse.Namespace, loss: str, work: Path) -> dict:
             "output_dir": str(out),
             "overwrite_output_dir": True,
             "data_cache_dir": str(work / "cache"),
+            **({"precompute_ref_log_probs": True} if a.precompute_ref and loss in ("dpo", "ipo") else {}),
         }
     )
     logs = [h for h in s["log_history"] if "loss" in h]
@@ -122,6 +123,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--max_seq_length", type=int, default=256)
     ap.add_argument("--losses", default=",".join(LOSSES))
+    ap.add_argument(
+        "--precompute_ref", action="store_true", help="DPO: score the reference once before training"
+    )
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--work", type=Path, default=Path("runs/bench_dpo_cpu"))
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "dpo_cpu.json")
@@ -139,6 +143,7 @@ def main() -> None:
         "max_seq_length": a.max_seq_length,
         "max_prompt_length": a.max_seq_length // 2,
         "threads": a.threads,
+        "precompute_ref_log_probs": a.precompute_ref,
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
     }
