@@ -62,6 +62,7 @@ def evaluate(a: argparse.Namespace, name: str, held_out: str, adapter: str | Non
 
 
 def train(a: argparse.Namespace, loss: str, work: Path) -> dict:
+    from zhtune.train.dpo import REFERENCED
     from zhtune.train.dpo import main as dpo_main
 
     out = work / loss
@@ -88,7 +89,7 @@ def train(a: argparse.Namespace, loss: str, work: Path) -> dict:
             "output_dir": str(out),
             "overwrite_output_dir": True,
             "data_cache_dir": str(work / "cache"),
-            **({"precompute_ref_log_probs": True} if a.precompute_ref and loss in ("dpo", "ipo") else {}),
+            **({"precompute_ref_log_probs": True} if a.precompute_ref and loss in REFERENCED else {}),
         }
     )
     logs = [h for h in s["log_history"] if "loss" in h]

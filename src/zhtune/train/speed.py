@@ -118,8 +118,9 @@ def compile_cache_dir() -> str:
     """Where inductor caches compiled kernels: TORCHINDUCTOR_CACHE_DIR if set, else set to a directory that
     survives a reboot (``$XDG_CACHE_HOME/zhtune/torchinductor``)."""
     if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "zhtune", "torchinductor")
+        from zhtune.model.default import cache_root
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "torchinductor")
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
